@@ -1,0 +1,30 @@
+"""pared: make PyTorch models smaller, faster and less energy-hungry, and prove it by measurement."""
+
+from pared.apply import Context, compress_, register
+from pared.calib import CalibData
+from pared.config import BaseConfig, config_from_dict, config_to_dict, register_config
+from pared.errors import (
+    EnvironmentIOError,
+    InputRefused,
+    ParedError,
+    QualityGateFailed,
+    UsageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseConfig",
+    "CalibData",
+    "Context",
+    "EnvironmentIOError",
+    "InputRefused",
+    "ParedError",
+    "QualityGateFailed",
+    "UsageError",
+    "compress_",
+    "config_from_dict",
+    "config_to_dict",
+    "register",
+    "register_config",
+]

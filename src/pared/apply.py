@@ -1,0 +1,78 @@
+"""``compress_``: the one verb that applies any technique config to a model, in place.
+
+Handlers register next to their config with ``@register(ConfigType)``; this file never grows
+an if/elif per technique.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from torch import nn
+
+from pared.calib import CalibData
+from pared.config import BaseConfig
+from pared.errors import UsageError
+
+
+@dataclasses.dataclass
+class Context:
+    """What a handler may need besides the model and its config.
+
+    Attributes:
+        calib: calibration inputs (required by static quantization and other data-driven steps).
+        summary: per-step facts for the report (what was changed, what was skipped and why).
+    """
+
+    calib: Iterable[Any] | None = None
+    summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+Handler = Callable[[nn.Module, Any, Context], nn.Module]
+_HANDLERS: dict[type[BaseConfig], Handler] = {}
+H = TypeVar("H", bound=Handler)
+
+
+def register(config_type: type[BaseConfig]) -> Callable[[H], H]:
+    """Decorator: ``handler(model, config, ctx) -> model`` applies ``config_type``."""
+
+    def deco(fn: H) -> H:
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def compress_(
+    model: nn.Module,
+    config: BaseConfig | Sequence[BaseConfig],
+    *,
+    calib: CalibData | Iterable[Any] | None = None,
+    context: Context | None = None,
+) -> nn.Module:
+    """Apply one technique config (or a recipe: a sequence of them, in order) to ``model``.
+
+    Args:
+        model: the model; modified in place where the technique allows, and returned.
+        config: a technique config such as ``Int8Config()``, or a list of them.
+        calib: calibration inputs for data-driven techniques (see ``pared.CalibData``).
+        context: pass one to collect the per-step summary used in reports.
+
+    Returns:
+        The compressed model (use the return value: some techniques replace the root module).
+
+    Example:
+        >>> pared.compress_(model, pared.Int8Config(mode="static"), calib=batches)
+    """
+    ctx = context or Context()
+    if calib is not None:
+        ctx.calib = calib
+    configs = [config] if isinstance(config, BaseConfig) else list(config)
+    for cfg in configs:
+        handler = _HANDLERS.get(type(cfg))
+        if handler is None:
+            raise UsageError(f"no handler registered for {type(cfg).__name__}")
+        model = handler(model, cfg, ctx)
+    return model

@@ -1,0 +1,121 @@
+"""Write files and directories so that a crash leaves the old version or nothing, never half.
+
+Pattern: write into a temporary sibling, fsync, ``os.replace`` onto the final name, fsync the
+parent directory. Temporaries carry a recognisable prefix so a later run can clean orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pared.errors import EnvironmentIOError, UsageError
+
+TMP_PREFIX = ".pared-tmp-"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=_parent(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        _remove(tmp)
+        raise _io_error(exc, path) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """``atomic_write_bytes`` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``path`` only if the block succeeds.
+
+    Raises:
+        UsageError: ``path`` exists and ``overwrite`` is false (checked before any work).
+        EnvironmentIOError: the parent cannot be written (read-only, disk full).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UsageError(f"output directory already exists: {path} (pass --overwrite to replace it)")
+    parent = _parent(path)
+    clean_orphans(parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+    except OSError as exc:
+        raise _io_error(exc, path) from None
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+            os.replace(path, old / "old")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _io_error(exc, path) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_orphans(directory: str | os.PathLike[str]) -> None:
+    """Remove temporaries an interrupted earlier run left in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.glob(TMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _parent(path: Path) -> Path:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EnvironmentIOError(f"parent directory does not exist: {parent}")
+    return parent
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+def _io_error(exc: OSError, path: Path) -> EnvironmentIOError:
+    if exc.errno == errno.ENOSPC:
+        return EnvironmentIOError(f"no space left writing {path}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return EnvironmentIOError(f"permission denied writing {path}")
+    return EnvironmentIOError(f"cannot write {path}: {exc.strerror or exc}")
