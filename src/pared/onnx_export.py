@@ -1,0 +1,158 @@
+"""Export a (compressed) model to ONNX: the one place that knows about the ONNX format.
+
+pared's quantized modules trace to QuantizeLinear/DequantizeLinear pairs around float weights;
+``fold_constant_quantize`` then stores those weights as int8 initializers, so the file holds
+integers and runtimes see the standard QDQ pattern they map onto integer kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from pared.atomic import atomic_write_bytes
+from pared.errors import ParedError
+
+OPSET = 17
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: str | os.PathLike[str],
+    *,
+    input_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> Path:
+    """Trace ``model`` on ``example_inputs`` and write a checked ONNX file (atomically).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ParedError: the exported graph fails ``onnx.checker`` (a bug in pared, exit 1).
+    """
+    path = Path(path)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                example_inputs,
+                str(raw),
+                input_names=input_names,
+                output_names=["output"],
+                dynamic_axes=dynamic_axes or {},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        proto = onnx.load(str(raw))
+    fold_constant_quantize(proto.graph)
+    fold_dequantize_transpose(proto.graph)
+    remove_unused_initializers(proto.graph)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ParedError(f"exported ONNX failed the checker: {str(exc).splitlines()[0]}") from None
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def fold_constant_quantize(graph: onnx.GraphProto) -> int:
+    """Replace ``QuantizeLinear(constant)`` by its integer result, stored as an initializer.
+
+    Returns the number of folded nodes.
+    """
+    inits = {i.name: i for i in graph.initializer}
+    consts = _constant_nodes(graph)
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        x = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        scale = _value(node.input[1], inits, consts)
+        zp = _value(node.input[2], inits, consts) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+        if scale is None or zp is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and x.ndim > 1:
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zp_b = scale.reshape(shape), zp.reshape(shape)
+        else:
+            zp_b = zp
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(x / scale) + zp_b.astype(np.int32), info.min, info.max).astype(zp.dtype)
+        name = node.output[0]
+        graph.initializer.append(numpy_helper.from_array(q, name))
+        graph.node.remove(node)
+        folded += 1
+    return folded
+
+
+def fold_dequantize_transpose(graph: onnx.GraphProto) -> int:
+    """Rewrite ``Transpose(DequantizeLinear(W_int, s, axis=0))`` of 2-D constant weights as
+    ``DequantizeLinear(W_int^T, s, axis=1)`` so MatMul reads a dequantized constant directly
+    (the pattern runtimes fuse into integer GEMMs)."""
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Transpose":
+            continue
+        dq = producers.get(node.input[0])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or perm != [1, 0]:
+            continue
+        if sum(1 for n in graph.node for i in n.input if i == dq.output[0]) != 1:
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if w.ndim != 2 or axis != 0:
+            continue
+        new_w = numpy_helper.from_array(np.ascontiguousarray(w.T), dq.input[0] + "_t")
+        graph.initializer.append(new_w)
+        new_dq = helper.make_node(
+            "DequantizeLinear", [new_w.name, *dq.input[1:]], [node.output[0]], name=dq.name + "_t", axis=1
+        )
+        idx = list(graph.node).index(node)
+        graph.node.insert(idx, new_dq)
+        graph.node.remove(node)
+        graph.node.remove(dq)
+        folded += 1
+    return folded
+
+
+def remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop initializers no node reads (e.g. the float weights that folding replaced)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+
+
+def _constant_nodes(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    out = {}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def _value(name: str, inits: dict[str, onnx.TensorProto], consts: dict[str, np.ndarray]) -> np.ndarray | None:
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    return consts.get(name)

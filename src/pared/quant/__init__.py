@@ -1,0 +1,5 @@
+"""Quantization techniques."""
+
+from pared.quant.int8 import Int8Config, QuantConv2d, QuantEmbedding, QuantLinear
+
+__all__ = ["Int8Config", "QuantConv2d", "QuantEmbedding", "QuantLinear"]

@@ -1,0 +1,239 @@
+"""Int8 post-training quantization of Linear, Conv2d and Embedding layers.
+
+``Int8Config(mode="static")`` quantizes weights per output channel (symmetric int8) and
+activations per tensor with ranges measured on calibration data; ``mode="dynamic"`` measures
+activation ranges at run time instead. The quantized modules keep int8 weights as buffers (the
+artefact really is small) and export to ONNX as standard QuantizeLinear/DequantizeLinear (static)
+or DynamicQuantizeLinear + MatMulInteger (dynamic) graphs, which ONNX Runtime and OpenVINO run
+on integer kernels. In eager PyTorch these modules compute the same integer-grid math in float:
+that is the reference for accuracy, never what pared reports as int8 speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pared.apply import Context, register
+from pared.calib import checked_batches
+from pared.config import BaseConfig, register_config
+from pared.errors import InputRefused, UsageError
+from pared.quant.batchnorm import fold_batchnorms
+from pared.quant.observers import make_observer
+from pared.quant.primitives import choose_qparams, qrange, quantize
+from pared.select import select_modules
+
+
+@register_config("int8")
+@dataclasses.dataclass
+class Int8Config(BaseConfig):
+    """Int8 post-training quantization.
+
+    Attributes:
+        mode: ``static`` (activation ranges from calibration data) or ``dynamic`` (at run time).
+        calibration: range estimator for static activations: ``minmax`` or ``percentile``.
+        calibration_batches: at most this many calibration batches are run.
+        activation_symmetric: int8 symmetric activations instead of uint8 asymmetric.
+        embeddings: also quantize ``nn.Embedding`` tables (per row, weight-only).
+        include: layer-selection rules (see ``pared.select``); empty means every eligible layer.
+        exclude: rules for layers kept in float.
+        allow_unobserved: keep layers that calibration never reached in float (listed in the
+            report) instead of failing.
+    """
+
+    mode: Literal["static", "dynamic"] = "static"
+    calibration: Literal["minmax", "percentile"] = "minmax"
+    calibration_batches: int = 32
+    activation_symmetric: bool = False
+    embeddings: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    allow_unobserved: bool = False
+
+    def validate(self) -> None:
+        if self.calibration_batches < 1:
+            raise UsageError(f"int8.calibration_batches must be >= 1, got {self.calibration_batches}")
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with int8 per-channel weights and (static) uint8/int8 activation qparams."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, static: bool, act_signed: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.static, self.act_signed = static, act_signed
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        if static:
+            self.register_buffer("act_scale", torch.ones(()))
+            self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.static:
+            y = _DynamicInt8MatMul.apply(x, self.weight_q.t(), self.weight_scale)
+            return y + self.bias if self.bias is not None else y
+        x = _fake_quant_activation(x, self.act_scale, self.act_zero_point, self.act_signed)
+        return F.linear(x, _weight(self.weight_q, self.weight_scale, axis=0), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, static={self.static}"
+
+
+class QuantConv2d(nn.Module):
+    """Conv2d with int8 per-output-channel weights and static uint8/int8 activation qparams."""
+
+    def __init__(self, conv: nn.Conv2d, *, act_signed: bool) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise UsageError("int8 Conv2d supports numeric zero padding only")
+        self.act_signed = act_signed
+        self.register_buffer("weight_q", torch.zeros(conv.weight.shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(conv.out_channels))
+        self.register_buffer("bias", torch.zeros(conv.out_channels) if conv.bias is not None else None)
+        self.register_buffer("act_scale", torch.ones(()))
+        self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _fake_quant_activation(x, self.act_scale, self.act_zero_point, self.act_signed)
+        w = _weight(self.weight_q, self.weight_scale, axis=0)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table stored as int8 with one symmetric scale per row; rows dequantize on lookup."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+
+
+def _weight(weight_q: torch.Tensor, scale: torch.Tensor, *, axis: int) -> torch.Tensor:
+    shape = [-1] + [1] * (weight_q.dim() - 1)
+    w = weight_q.float() * scale.reshape(shape)
+    if torch.onnx.is_in_onnx_export():
+        # Re-quantizing the dequantized weight is exact; it makes the exporter emit the
+        # Q/DQ pair that runtimes match to integer kernels (the Q is folded away later).
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        w = torch.fake_quantize_per_channel_affine(w, scale, zero, axis, -128, 127)
+    return w
+
+
+def _fake_quant_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, signed: bool) -> torch.Tensor:
+    qmin, qmax = qrange(8, signed=signed)
+    return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), qmin, qmax)
+
+
+class _DynamicInt8MatMul(torch.autograd.Function):
+    """``x @ w_q`` with x quantized per tensor to uint8 at run time (ONNX Runtime's dynamic scheme)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_q_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
+        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+        xq = torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp
+        return (xq @ w_q_t.float()) * (scale * w_scale)
+
+    @staticmethod
+    def symbolic(g, x, w_q_t, w_scale):  # type: ignore[no-untyped-def]
+        xq, x_scale, x_zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", xq, w_q_t, x_zp)
+        y = g.op("Cast", acc, to_i=1)  # 1 = FLOAT
+        return g.op("Mul", y, g.op("Mul", x_scale, w_scale))
+
+
+def _is_candidate(cfg: Int8Config):
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear,) if cfg.mode == "dynamic" else (nn.Linear, nn.Conv2d)
+    if cfg.embeddings:
+        kinds = (*kinds, nn.Embedding)
+    return lambda name, m: type(m) in kinds
+
+
+@register(Int8Config)
+def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
+    model.eval()
+    folded = fold_batchnorms(model) if cfg.mode == "static" else []
+    chosen = select_modules(model, candidate=_is_candidate(cfg), include=cfg.include, exclude=cfg.exclude)
+    if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for _, m in chosen):
+        raise UsageError("nothing to quantize: no Linear or Conv2d layer is selected in this model")
+    for name, m in chosen:
+        if not torch.isfinite(m.weight).all():
+            raise InputRefused(f"weight of layer {name!r} contains NaN or inf")
+    act_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    unobserved: list[str] = []
+    if cfg.mode == "static" and not ctx.skeleton:
+        act_ranges = _calibrate(model, [(n, m) for n, m in chosen if not isinstance(m, nn.Embedding)], cfg, ctx)
+        unobserved = [n for n, m in chosen if not isinstance(m, nn.Embedding) and n not in act_ranges]
+        # (a skeleton rebuild has no ranges: every layer is rebuilt and the state_dict fills it)
+        if unobserved and not cfg.allow_unobserved:
+            raise UsageError(f"layers never reached by calibration data: {unobserved} (set allow_unobserved to keep them in float)")
+    counts: dict[str, int] = {}
+    for name, m in chosen:
+        if name in unobserved:
+            continue
+        model.set_submodule(name, _quantized(m, cfg, act_ranges.get(name)))
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, nn.Embedding)]
+    ctx.summary.append({
+        "technique": "int8",
+        "mode": cfg.mode,
+        "quantized": counts,
+        "kept_float": left,
+        "unobserved": unobserved,
+        "folded_batchnorm": folded,
+    })
+    return model
+
+
+def _calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Int8Config, ctx: Context):
+    if ctx.calib is None:
+        raise UsageError("static int8 needs calibration data (pass calib=..., or use mode='dynamic')")
+    batches = checked_batches(ctx.calib, limit=cfg.calibration_batches)
+    observers = {name: make_observer(cfg.calibration, name) for name, _ in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: observers[n].update(args[0])) for name, m in layers]
+    try:
+        with torch.inference_mode():
+            for inputs in batches:
+                model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: obs.range() for name, obs in observers.items() if obs.batches > 0}
+
+
+def _quantized(m: nn.Module, cfg: Int8Config, act_range) -> nn.Module:
+    if isinstance(m, nn.Embedding):
+        q = QuantEmbedding(m.num_embeddings, m.embedding_dim)
+        _set_weight(q, m.weight.detach(), axis=0)
+        return q
+    signed = cfg.activation_symmetric
+    if isinstance(m, nn.Conv2d):
+        q = QuantConv2d(m, act_signed=signed)
+    else:
+        q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, static=cfg.mode == "static", act_signed=signed)
+    _set_weight(q, m.weight.detach(), axis=0)
+    if m.bias is not None:
+        q.bias.copy_(m.bias.detach())
+    if act_range is not None:
+        scale, zp = choose_qparams(act_range[0], act_range[1], symmetric=signed, signed=signed)
+        q.act_scale.copy_(scale)
+        q.act_zero_point.copy_(zp)
+    return q
+
+
+def _set_weight(q: nn.Module, w: torch.Tensor, *, axis: int) -> None:
+    dims = [d for d in range(w.dim()) if d != axis]
+    bound = w.abs().amax(dim=dims) if dims else w.abs()
+    scale, zp = choose_qparams(-bound, bound, symmetric=True, signed=True)
+    q.weight_q.copy_(quantize(w, scale, zp, -127, 127, axis=axis))
+    q.weight_scale.copy_(scale)
