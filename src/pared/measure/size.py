@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -126,3 +127,28 @@ def _data_ptr(tensor: torch.Tensor) -> int:
         return int(tensor.data_ptr())
     except (RuntimeError, NotImplementedError):
         return 0
+
+
+def activation_bytes(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of every leaf module's output tensors in one forward on ``example_inputs``.
+
+    An upper-bound proxy for activation traffic used by the energy estimate: each
+    intermediate result written once and read once is counted once.
+    """
+    total = 0
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.inference_mode():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total

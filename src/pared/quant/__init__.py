@@ -3,3 +3,6 @@
 from pared.quant.int8 import Int8Config, QuantConv2d, QuantEmbedding, QuantLinear
 
 __all__ = ["Int8Config", "QuantConv2d", "QuantEmbedding", "QuantLinear"]
+from pared.quant.smoothquant import SmoothQuantConfig  # noqa: E402
+
+__all__ += ["SmoothQuantConfig"]

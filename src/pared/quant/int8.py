@@ -25,7 +25,7 @@ from pared.errors import InputRefused, UsageError
 from pared.quant.batchnorm import fold_batchnorms
 from pared.quant.observers import make_observer
 from pared.quant.primitives import choose_qparams, qrange, quantize
-from pared.select import select_modules
+from pared.select import rule_matches, select_modules
 
 
 @register_config("int8")
@@ -34,24 +34,29 @@ class Int8Config(BaseConfig):
     """Int8 post-training quantization.
 
     Attributes:
-        mode: ``static`` (activation ranges from calibration data) or ``dynamic`` (at run time).
+        mode: ``static`` (activation ranges from calibration data), ``dynamic`` (activation
+            ranges at run time, ONNX DynamicQuantizeLinear + MatMulInteger) or ``weight``
+            (int8 weights only; OpenVINO quantizes activations per token group at run time).
         calibration: range estimator for static activations: ``minmax`` or ``percentile``.
         calibration_batches: at most this many calibration batches are run.
         activation_symmetric: int8 symmetric activations instead of uint8 asymmetric.
         embeddings: also quantize ``nn.Embedding`` tables (per row, weight-only).
         include: layer-selection rules (see ``pared.select``); empty means every eligible layer.
         exclude: rules for layers kept in float.
+        weight_only: rules for Linear layers whose weights are int8 but whose input stays float
+            (for inputs dominated by outliers, such as a transformer FFN's second projection).
         allow_unobserved: keep layers that calibration never reached in float (listed in the
             report) instead of failing.
     """
 
-    mode: Literal["static", "dynamic"] = "static"
+    mode: Literal["static", "dynamic", "weight"] = "static"
     calibration: Literal["minmax", "percentile"] = "minmax"
     calibration_batches: int = 32
     activation_symmetric: bool = False
     embeddings: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    weight_only: tuple[str, ...] = ()
     allow_unobserved: bool = False
 
     def validate(self) -> None:
@@ -62,10 +67,11 @@ class Int8Config(BaseConfig):
 class QuantLinear(nn.Module):
     """Linear layer with int8 per-channel weights and (static) uint8/int8 activation qparams."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, static: bool, act_signed: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, mode: str, act_signed: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.static, self.act_signed = static, act_signed
+        self.mode, self.act_signed = mode, act_signed
+        static = mode == "static"
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -74,14 +80,15 @@ class QuantLinear(nn.Module):
             self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.static:
+        if self.mode == "dynamic":
             y = _DynamicInt8MatMul.apply(x, self.weight_q.t(), self.weight_scale)
             return y + self.bias if self.bias is not None else y
-        x = _fake_quant_activation(x, self.act_scale, self.act_zero_point, self.act_signed)
+        if self.mode == "static":
+            x = _fake_quant_activation(x, self.act_scale, self.act_zero_point, self.act_signed)
         return F.linear(x, _weight(self.weight_q, self.weight_scale, axis=0), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, static={self.static}"
+        return f"in={self.in_features}, out={self.out_features}, mode={self.mode}"
 
 
 class QuantConv2d(nn.Module):
@@ -153,7 +160,7 @@ class _DynamicInt8MatMul(torch.autograd.Function):
 
 
 def _is_candidate(cfg: Int8Config):
-    kinds: tuple[type[nn.Module], ...] = (nn.Linear,) if cfg.mode == "dynamic" else (nn.Linear, nn.Conv2d)
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d) if cfg.mode == "static" else (nn.Linear,)
     if cfg.embeddings:
         kinds = (*kinds, nn.Embedding)
     return lambda name, m: type(m) in kinds
@@ -171,9 +178,10 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
             raise InputRefused(f"weight of layer {name!r} contains NaN or inf")
     act_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     unobserved: list[str] = []
+    observed = [(n, m) for n, m in chosen if not isinstance(m, nn.Embedding) and _layer_mode(n, m, cfg) == "static"]
     if cfg.mode == "static" and not ctx.skeleton:
-        act_ranges = _calibrate(model, [(n, m) for n, m in chosen if not isinstance(m, nn.Embedding)], cfg, ctx)
-        unobserved = [n for n, m in chosen if not isinstance(m, nn.Embedding) and n not in act_ranges]
+        act_ranges = _calibrate(model, observed, cfg, ctx)
+        unobserved = [n for n, _ in observed if n not in act_ranges]
         # (a skeleton rebuild has no ranges: every layer is rebuilt and the state_dict fills it)
         if unobserved and not cfg.allow_unobserved:
             raise UsageError(f"layers never reached by calibration data: {unobserved} (set allow_unobserved to keep them in float)")
@@ -181,7 +189,7 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
     for name, m in chosen:
         if name in unobserved:
             continue
-        model.set_submodule(name, _quantized(m, cfg, act_ranges.get(name)))
+        model.set_submodule(name, _quantized(name, m, cfg, act_ranges.get(name)))
         counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
     left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, nn.Embedding)]
     ctx.summary.append({
@@ -211,7 +219,14 @@ def _calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Int8C
     return {name: obs.range() for name, obs in observers.items() if obs.batches > 0}
 
 
-def _quantized(m: nn.Module, cfg: Int8Config, act_range) -> nn.Module:
+def _layer_mode(name: str, m: nn.Module, cfg: Int8Config) -> str:
+    if isinstance(m, nn.Linear) and any(rule_matches(r, name, m) for r in cfg.weight_only):
+        return "weight"
+    return cfg.mode
+
+
+def _quantized(name: str, m: nn.Module, cfg: Int8Config, act_range) -> nn.Module:
+    mode = _layer_mode(name, m, cfg)
     if isinstance(m, nn.Embedding):
         q = QuantEmbedding(m.num_embeddings, m.embedding_dim)
         _set_weight(q, m.weight.detach(), axis=0)
@@ -220,7 +235,7 @@ def _quantized(m: nn.Module, cfg: Int8Config, act_range) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         q = QuantConv2d(m, act_signed=signed)
     else:
-        q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, static=cfg.mode == "static", act_signed=signed)
+        q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, mode=mode, act_signed=signed)
     _set_weight(q, m.weight.detach(), axis=0)
     if m.bias is not None:
         q.bias.copy_(m.bias.detach())

@@ -7,6 +7,8 @@ transformers and the weights package are optional; they are imported only when t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any
 
 import torch
@@ -59,10 +61,14 @@ class MiniLMTask:
     name = "minilm"
     primary_metric = "mean_cosine"
 
-    def __init__(self, *, n_eval: int = corpus.N_EVAL) -> None:
+    def __init__(self, *, n_eval: int = corpus.N_EVAL, model_dir: str | None = None) -> None:
         if not 1 <= n_eval <= corpus.N_EVAL:
             raise UsageError(f"n_eval must be in 1..{corpus.N_EVAL}, got {n_eval}")
         self.n_eval = n_eval
+        # Another BERT-style encoder from a Hugging Face directory, scored the same way.
+        self.model_dir = model_dir
+        if model_dir is not None:
+            self.name = f"encoder:{model_dir}"
         self._tokenizer: Any = None
         self._eval_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference: torch.Tensor | None = None
@@ -70,6 +76,10 @@ class MiniLMTask:
 
     def model(self) -> nn.Module:
         """A fresh fp32 ``SentenceEncoder`` in eval mode, loaded from the local weights package."""
+        if self.model_dir is not None:
+            from pared.loading import load_hf_directory
+
+            return SentenceEncoder(load_hf_directory(Path(self.model_dir)).float()).eval()
         auto_model, _, path = _hf()
         # sdpa (transformers' default) exports to ONNX with opset 17 and dynamo=False as cleanly as
         # eager, including padded batches after exporting with an all-ones mask, so it is kept.
@@ -129,7 +139,7 @@ class MiniLMTask:
         """The model's tokenizer (loaded once per task instance)."""
         if self._tokenizer is None:
             _, auto_tokenizer, path = _hf()
-            self._tokenizer = auto_tokenizer.from_pretrained(path, local_files_only=True)
+            self._tokenizer = auto_tokenizer.from_pretrained(self.model_dir or path, local_files_only=True)
         return self._tokenizer
 
     def _embed(self, run: Runner) -> torch.Tensor:

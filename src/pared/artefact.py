@@ -1,0 +1,151 @@
+"""The pared artefact: ``model.safetensors`` (the compressed state_dict) + ``pared.json``.
+
+The JSON says how to rebuild the structure: where the original model came from and which recipe
+was applied. Loading rebuilds the float model, replays the recipe in skeleton mode (structure
+only, no data) and loads the tensors strictly. Nothing is unpickled; the safetensors file's
+SHA-256 recorded in the JSON is checked before it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import pared
+from pared.apply import Context, compress_
+from pared.atomic import atomic_write_text
+from pared.config import BaseConfig, config_from_dict, config_to_dict
+from pared.errors import InputRefused, UsageError
+from pared.loading import load_into, load_state_dict_file
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "pared.json"
+FORMAT_VERSION = 1
+_MAX_MANIFEST_BYTES = 16 << 20
+
+
+def save_artefact(
+    model: nn.Module, directory: str | os.PathLike[str], *, recipe: list[BaseConfig], source: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Write ``model``'s tensors and the manifest into ``directory`` (which must exist).
+
+    Args:
+        model: the compressed model.
+        directory: destination folder (normally a temporary one renamed when the job succeeds).
+        recipe: the configs that were applied, in order.
+        source: how to rebuild the float model (``{"kind": "builtin", "name": "digits"}``, a
+            factory, an HF directory), or None when the caller will pass the model at load time.
+
+    Returns:
+        The manifest written.
+    """
+    directory = Path(directory)
+    weights = directory / WEIGHTS
+    save_file(_unique_contiguous(model.state_dict()), str(weights))
+    manifest = {
+        "format": "pared-artefact",
+        "format_version": FORMAT_VERSION,
+        "pared_version": pared.__version__,
+        "torch_version": torch.__version__,
+        "source": source,
+        "recipe": [config_to_dict(c) for c in recipe],
+        "files": {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
+    }
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_artefact(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a compressed model saved by ``save_artefact``.
+
+    Args:
+        directory: the artefact folder.
+        model: a fresh float model to rebuild on; needed when the artefact has no source.
+
+    Raises:
+        UsageError: the folder or its files are missing, or no model can be rebuilt.
+        InputRefused: the manifest is invalid, a checksum does not match, tensors do not fit.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS
+    expected = manifest["files"][WEIGHTS]["sha256"]
+    if sha256_file(weights) != expected:
+        raise InputRefused(f"checksum mismatch for {weights}: file changed or corrupt")
+    if model is None:
+        model = _rebuild_source(manifest.get("source"))
+    recipe = [config_from_dict(d) for d in manifest["recipe"]]
+    model = compress_(model, recipe, context=Context(skeleton=True))
+    load_into(model, load_state_dict_file(weights), strict=True, source=str(weights))
+    return model.eval()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Parse and validate ``pared.json`` in ``directory``."""
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise UsageError(f"artefact directory not found: {directory}")
+    if not path.is_file():
+        raise InputRefused(f"not a pared artefact (no {MANIFEST}): {directory}")
+    if path.stat().st_size > _MAX_MANIFEST_BYTES:
+        raise InputRefused(f"{path} is larger than {_MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputRefused(f"invalid JSON in {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "pared-artefact":
+        raise InputRefused(f"{path} is not a pared artefact manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InputRefused(f"{path}: artefact format {manifest.get('format_version')} not supported (expected {FORMAT_VERSION})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(files.get(WEIGHTS), dict) or "sha256" not in files[WEIGHTS]:
+        raise InputRefused(f"{path}: missing checksum for {WEIGHTS}")
+    if not isinstance(manifest.get("recipe"), list):
+        raise InputRefused(f"{path}: recipe must be a list")
+    if not (directory / WEIGHTS).is_file():
+        raise InputRefused(f"artefact incomplete, missing {directory / WEIGHTS}")
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rebuild_source(source: Any) -> nn.Module:
+    from pared.loading import load_factory, load_hf_directory
+    from pared.tasks import get_task
+
+    if not isinstance(source, dict):
+        raise UsageError("this artefact records no source model: pass model=<fresh float model>")
+    kind = source.get("kind")
+    if kind == "builtin":
+        return get_task(str(source.get("name"))).model()
+    if kind == "factory":
+        model = load_factory(str(source.get("spec")))
+        if source.get("weights"):
+            load_into(model, load_state_dict_file(source["weights"]), strict=True)
+        return model
+    if kind == "hf-directory":
+        return load_hf_directory(Path(str(source.get("path"))))
+    raise InputRefused(f"unknown source kind in manifest: {kind!r}")
+
+
+def _unique_contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; tied weights are saved once per name as a copy.
+    return {k: v.detach().contiguous().clone() if _is_view(v) else v.detach().contiguous() for k, v in state.items()}
+
+
+def _is_view(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()

@@ -1,0 +1,151 @@
+"""The ``pared`` command line: thin over the Python API, same names and concepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pared.errors import ParedError, UsageError
+
+app = typer.Typer(
+    help="pared: make PyTorch models smaller, faster and less energy-hungry, and prove it by measurement.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RUNTIME_HELP = "Runtime for the compressed model: openvino, onnxruntime or torch."
+MODEL_HELP = "Built-in name (minilm, digits), a package.module:function factory, or a Hugging Face model directory."
+
+
+@app.command()
+def compress(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name (see `pared recipes`) or a YAML file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
+    runtime: str = typer.Option("openvino", help=RUNTIME_HELP),
+    threads: int = typer.Option(2, help="Intra-op threads for every runtime measured."),
+    batch: int = typer.Option(8, help="Batch size for latency, memory and energy."),
+    rounds: int = typer.Option(20, help="Timed calls per runner (interleaved)."),
+    weights: Optional[str] = typer.Option(None, help="State-dict file for a factory model (safetensors preferred)."),
+    input_shape: Optional[str] = typer.Option(None, help="Input shape for a factory returning a bare module, e.g. 1,3,32,32."),
+    max_drop: Optional[float] = typer.Option(None, help="Fail (exit 4) if the primary metric drops more than this."),
+    allow_regression: bool = typer.Option(False, help="Write the artefact even if --max-drop fails."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files (runs code from the file: only for files you trust)."),
+) -> None:
+    """Compress a model with a recipe; write the artefacts, report.md and report.json into OUT."""
+    from pared.pipeline import compress_task
+    from pared.recipe import load_recipe
+
+    configs = load_recipe(recipe)  # validated before the model loads
+    if out.exists() and not overwrite:
+        raise UsageError(f"output directory already exists: {out} (pass --overwrite to replace it)")
+    task, source = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
+    report = compress_task(
+        task, configs, out, recipe_name=Path(recipe).stem, runtime=runtime, threads=threads, batch=batch,
+        latency_rounds=rounds, overwrite=overwrite, max_drop=max_drop, allow_regression=allow_regression, source=source,
+    )
+    typer.echo((out / "report.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}: " + ", ".join(f"{a['path']} ({a['bytes'] / 1e6:.2f} MB)" for a in report["artefacts"]))
+
+
+@app.command()
+def profile(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    batch: int = typer.Option(8, help="Batch size."),
+    threads: int = typer.Option(2, help="Intra-op threads."),
+    rounds: int = typer.Option(20, help="Timed calls."),
+    weights: Optional[str] = typer.Option(None, help="State-dict file for a factory model."),
+    input_shape: Optional[str] = typer.Option(None, help="Input shape for a bare-module factory, e.g. 1,3,32,32."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files."),
+) -> None:
+    """Measure a float model: parameters, size, MACs, latency, peak memory, energy and its task metric."""
+    from pared.profile import profile_task
+
+    task, _ = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
+    result = profile_task(task, batch=batch, threads=threads, rounds=rounds)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=float))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key:>20}: {value}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    from pared.recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        steps = " -> ".join(type(c).type_name for c in load_recipe(name))  # type: ignore[attr-defined]
+        typer.echo(f"{name:>14}: {steps}")
+
+
+def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_pickle: bool) -> tuple[Any, dict[str, Any]]:
+    from pared.loading import resolve_model
+    from pared.tasks import get_task
+    from pared.tasks.fidelity import fidelity_task, hf_encoder_task
+
+    kind, module = resolve_model(spec, weights=weights, trust_pickle=trust_pickle)
+    if kind == "builtin":
+        return get_task(spec), {"kind": "builtin", "name": spec}
+    if kind == "hf-directory":
+        return hf_encoder_task(Path(spec)), {"kind": "hf-directory", "path": str(Path(spec).resolve())}
+    source = {"kind": "factory", "spec": spec, "weights": str(Path(weights).resolve()) if weights else None}
+    if input_shape is None:
+        raise UsageError("a factory returning a bare nn.Module needs --input-shape (or return a pared UserTask)")
+    return fidelity_task(spec, module, _shape(input_shape)), source
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape must be comma-separated integers, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise UsageError(f"--input-shape dimensions must be >= 1, got {text!r}")
+    return shape
+
+
+def main() -> None:
+    """Entry point: maps pared errors to one line on stderr and the documented exit code."""
+    debug = "--debug" in sys.argv or os.environ.get("PARED_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except ParedError as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, traceback only with --debug
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"internal error ({type(exc).__name__}): {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

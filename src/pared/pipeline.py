@@ -1,0 +1,206 @@
+"""The compress job: measure the float model, apply a recipe, export, measure again, report.
+
+Everything the report claims is measured in this one run: the fp32 model in PyTorch eager
+(the baseline), the fp32 model exported to the deployment runtime (to separate runtime gains
+from compression gains), and the compressed artefact in that runtime, timed interleaved.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pared.apply import Context, compress_
+from pared.artefact import WEIGHTS, save_artefact
+from pared.atomic import atomic_directory, atomic_write_text
+from pared.config import BaseConfig, config_to_dict
+from pared.errors import QualityGateFailed, UsageError
+from pared.measure import (
+    count_macs,
+    count_params,
+    energy_per_inference,
+    file_bytes,
+    interleaved_latency,
+    latency_from_samples,
+    peak_memory_bytes,
+)
+from pared.measure.size import activation_bytes
+from pared.onnx_export import export_onnx
+from pared.report import render_markdown
+from pared.runtime import RUNTIMES, make_runner
+from pared.tasks import Task
+
+ONNX_FILE = "model.onnx"
+
+
+def compress_task(
+    task: Task,
+    recipe: list[BaseConfig],
+    out_dir: str | Path,
+    *,
+    recipe_name: str = "custom",
+    runtime: str = "openvino",
+    threads: int = 2,
+    batch: int = 8,
+    latency_rounds: int = 20,
+    overwrite: bool = False,
+    max_drop: float | None = None,
+    allow_regression: bool = False,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compress ``task``'s model with ``recipe``; write artefacts and reports into ``out_dir``.
+
+    Args:
+        task: the model, its data and its metric.
+        recipe: technique configs applied in order.
+        out_dir: output folder; created atomically (temp folder renamed at the end).
+        runtime: where the compressed model runs: ``openvino``, ``onnxruntime`` or ``torch``.
+        threads: intra-op threads for every runtime measured.
+        batch: batch size for latency, MACs, memory and energy.
+        latency_rounds: timed calls per runner (interleaved).
+        overwrite: replace an existing ``out_dir``.
+        max_drop: quality gate: largest allowed drop of the primary metric (absolute).
+        allow_regression: write the artefact even if the gate fails (marked in the report).
+        source: how to rebuild the float model later, recorded in the artefact.
+
+    Returns:
+        The report (also written as ``report.json`` and ``report.md``).
+
+    Raises:
+        UsageError: bad arguments, or ``out_dir`` exists without ``overwrite``.
+        QualityGateFailed: the metric dropped more than ``max_drop``.
+    """
+    out_dir = Path(out_dir)
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if threads < 1 or batch < 1 or latency_rounds < 1:
+        raise UsageError("threads, batch and latency_rounds must be >= 1")
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
+    torch.set_num_threads(threads)
+    step = _Steps(6)
+    step("loading the float model")
+    fp32 = task.model()
+    inputs = task.example_inputs(batch)
+    step("applying the recipe")
+    ctx = Context(calib=task.calibration())
+    compressed = compress_(copy.deepcopy(fp32), recipe, context=ctx)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        step("exporting artefacts")
+        save_artefact(compressed, tmp, recipe=recipe, source=source)
+        runners, onnx_paths = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
+        step("evaluating the task metric (fp32 and compressed)")
+        metrics = {"baseline": task.evaluate(runners["baseline"]), "compressed": task.evaluate(runners["compressed"])}
+        step(f"timing {len(runners)} runners interleaved, batch {batch}, {threads} threads")
+        samples = interleaved_latency(runners, inputs, rounds=latency_rounds, warmup=3)
+        step("measuring size, MACs, memory and energy")
+        report = _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, samples, metrics,
+                         tmp, onnx_paths, runtime=runtime, threads=threads, batch=batch)
+        report["steps"] = ctx.summary
+        _quality_gate(task, report, max_drop, allow_regression)
+        atomic_write_text(tmp / "report.json", _json(report))
+        atomic_write_text(tmp / "report.md", render_markdown(report))
+    return report
+
+
+def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Path, runtime: str, threads: int):
+    names = task.input_names()
+    runners: dict[str, Any] = {"baseline": make_runner("torch", model=fp32, threads=threads)}
+    paths: dict[str, Path] = {}
+    if runtime == "torch":
+        runners["compressed"] = make_runner("torch", model=compressed, threads=threads)
+        return runners, paths
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32_onnx = export_onnx(fp32, inputs, Path(scratch) / "fp32.onnx", input_names=names, dynamic_axes=task.dynamic_axes())
+        runners["fp32_same_runtime"] = make_runner(runtime, onnx_path=fp32_onnx, threads=threads, input_names=names)
+    paths["compressed"] = export_onnx(compressed, inputs, tmp / ONNX_FILE, input_names=names, dynamic_axes=task.dynamic_axes())
+    runners["compressed"] = make_runner(runtime, onnx_path=paths["compressed"], threads=threads, input_names=names)
+    return runners, paths
+
+
+def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, samples, metrics, tmp, onnx_paths,
+            *, runtime: str, threads: int, batch: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32_file = Path(scratch) / "fp32.safetensors"
+        save_file({k: v.contiguous() for k, v in fp32.state_dict().items()}, str(fp32_file))
+        fp32_bytes = file_bytes(fp32_file)
+    deployed = onnx_paths.get("compressed", tmp / WEIGHTS)
+    macs = count_macs(fp32, inputs)
+    act_bytes = activation_bytes(fp32, inputs)
+    quantized = any("int8" == s.get("technique") for s in (config_to_dict(c) for c in recipe))
+    sides = {
+        "baseline": (fp32, runners["baseline"], "torch", fp32_bytes, "fp32"),
+        "compressed": (compressed, runners["compressed"], runtime, file_bytes(deployed), "int8" if quantized else "fp32"),
+    }
+    report: dict[str, Any] = {"task": task.name, "primary_metric": task.primary_metric}
+    for side, (model, run, rt, size, dtype) in sides.items():
+        peak, mem_method = peak_memory_bytes(run, inputs)
+        energy = energy_per_inference(run, inputs, macs=macs, mac_dtype=dtype, weight_bytes=size, activation_bytes=act_bytes)
+        report[side] = {
+            "size_bytes": size,
+            "params": count_params(model),
+            "macs": count_macs(model, inputs) if side == "baseline" else macs,
+            "latency_ms": latency_from_samples(samples[side], runtime=rt, batch=batch, threads=threads, warmup=3).to_dict(),
+            "peak_memory_bytes": peak,
+            "peak_memory_method": mem_method,
+            "energy_j": energy.to_dict(),
+            "metrics": metrics[side],
+        }
+    if "fp32_same_runtime" in samples:
+        report["fp32_same_runtime"] = {
+            "latency_ms": latency_from_samples(samples["fp32_same_runtime"], runtime=runtime, batch=batch, threads=threads, warmup=3).to_dict()
+        }
+    base, comp = report["baseline"], report["compressed"]
+    report["ratios"] = {
+        "size": comp["size_bytes"] / base["size_bytes"],
+        "latency_p50": comp["latency_ms"]["p50"] / base["latency_ms"]["p50"],
+        "energy": comp["energy_j"]["value"] / base["energy_j"]["value"],
+    }
+    report["recipe"] = {"name": recipe_name, "steps": [config_to_dict(c) for c in recipe]}
+    report["artefacts"] = [
+        {"path": p.name, "format": _format_of(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.iterdir()) if p.is_file() and p.suffix in (".onnx", ".safetensors", ".json")
+    ]
+    report["environment"] = {"torch": torch.__version__, "threads": threads, "python": sys.version.split()[0]}
+    return report
+
+
+def _quality_gate(task: Task, report: dict[str, Any], max_drop: float | None, allow_regression: bool) -> None:
+    if max_drop is None:
+        return
+    key = task.primary_metric
+    before, after = report["baseline"]["metrics"][key], report["compressed"]["metrics"][key]
+    report["quality_gate"] = {"metric": key, "max_drop": max_drop, "passed": before - after <= max_drop}
+    if before - after > max_drop and not allow_regression:
+        raise QualityGateFailed(f"{key} dropped from {before:.4f} to {after:.4f}, more than max_drop={max_drop}")
+
+
+def _format_of(path: Path) -> str:
+    return {".onnx": "onnx-qdq", ".safetensors": "safetensors", ".json": "json"}[path.suffix]
+
+
+def _json(report: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(report, indent=2, default=float)
+
+
+class _Steps:
+    """One stderr line per step, with the elapsed time of the previous one."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.t = total, 0, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        now = time.perf_counter()
+        print(f"[{self.n}/{self.total}] {what}  (+{now - self.t:.1f}s)", file=sys.stderr, flush=True)
+        self.t = now

@@ -1,0 +1,59 @@
+"""Recipes: an ordered list of technique configs, read from YAML (built-in names or a file)."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import pared.quant  # noqa: F401 - registers the technique configs recipes may name
+from pared.config import BaseConfig, config_from_dict
+from pared.errors import UsageError
+
+_MAX_RECIPE_BYTES = 1 << 20
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with pared."""
+    return sorted(p.name[:-5] for p in resources.files("pared.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | os.PathLike[str]) -> list[BaseConfig]:
+    """Configs of a built-in recipe name or a YAML file.
+
+    The YAML is a mapping with ``steps:`` (a list of ``{technique: name, field: value}``), or the
+    list itself. Only ``yaml.safe_load`` is used: a recipe cannot construct Python objects.
+
+    Raises:
+        UsageError: unknown name or missing file, invalid YAML, unknown technique, bad field.
+    """
+    text, origin = _recipe_text(str(name_or_path))
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"recipe {origin} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    steps = data.get("steps") if isinstance(data, dict) else data
+    if not isinstance(steps, list) or not steps:
+        raise UsageError(f"recipe {origin} must have a non-empty 'steps' list")
+    configs = []
+    for i, step in enumerate(steps):
+        try:
+            configs.append(config_from_dict(step))
+        except UsageError as exc:
+            raise UsageError(f"recipe {origin}, step {i + 1}: {exc}") from None
+    return configs
+
+
+def _recipe_text(spec: str) -> tuple[str, str]:
+    if spec in builtin_recipes():
+        return (resources.files("pared.recipes") / f"{spec}.yaml").read_text(encoding="utf-8"), spec
+    path = Path(spec)
+    if not path.is_file():
+        known = ", ".join(builtin_recipes())
+        raise UsageError(f"recipe not found: {spec!r} is neither a built-in recipe ({known}) nor a file")
+    if path.stat().st_size > _MAX_RECIPE_BYTES:
+        raise UsageError(f"recipe file too large: {path}")
+    return path.read_text(encoding="utf-8"), str(path)
