@@ -53,10 +53,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Steps",
         "",
-        *[f"- {s}" for s in report.get("steps", [])],
+        *[_step_line(s) for s in report.get("steps", [])],
         "",
     ]
     return "\n".join(lines)
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    # Long layer lists (every Linear of a transformer) are summarised; report.json keeps them whole.
+    parts = []
+    for key, value in step.items():
+        if isinstance(value, list) and len(value) > 6:
+            value = f"{len(value)} layers ({', '.join(map(str, value[:3]))}, ...)"
+        parts.append(f"{key}: {value}")
+    return "- " + "; ".join(parts)
 
 
 def _mb(n: int) -> str:
