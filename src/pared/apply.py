@@ -24,12 +24,14 @@ class Context:
     Attributes:
         calib: calibration inputs (required by static quantization and other data-driven steps).
         summary: per-step facts for the report (what was changed, what was skipped and why).
+        task: the task being compressed; fine-tuning steps train on its data (``TrainableTask``).
         skeleton: rebuild the compressed structure only, with placeholder values, so that a
             saved state_dict can be loaded into it (no calibration, no data needed).
     """
 
     calib: Iterable[Any] | None = None
     skeleton: bool = False
+    task: Any = None
     summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 

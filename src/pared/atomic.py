@@ -19,10 +19,16 @@ from pared.errors import EnvironmentIOError, UsageError
 TMP_PREFIX = ".pared-tmp-"
 
 
+def _tmp_prefix() -> str:
+    # The writer's PID in the name lets a later run tell an orphan (writer gone) from a live
+    # temporary of a concurrent job in the same folder, which must not be touched.
+    return f"{TMP_PREFIX}{os.getpid()}-"
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=_parent(path))
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=_parent(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,7 +63,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     parent = _parent(path)
     clean_orphans(parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent))
     except OSError as exc:
         raise _io_error(exc, path) from None
     try:
@@ -67,10 +73,7 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
-            os.replace(path, old / "old")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, path, parent)
         else:
             os.replace(tmp, path)
         _fsync_dir(parent)
@@ -83,13 +86,46 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
 
 
 def clean_orphans(directory: str | os.PathLike[str]) -> None:
-    """Remove temporaries an interrupted earlier run left in ``directory``."""
+    """Remove temporaries that interrupted earlier runs left in ``directory``.
+
+    Only those whose writer process is gone: a concurrent job's live temporary is kept.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return
     for entry in directory.glob(TMP_PREFIX + "*"):
+        if _writer_alive(entry.name):
+            continue
         with contextlib.suppress(OSError):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _writer_alive(name: str) -> bool:
+    pid_text = name[len(TMP_PREFIX):].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # another job of this very process; failed calls clean up after themselves
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(tmp: Path, path: Path, parent: Path) -> None:
+    """Replace the existing ``path`` by ``tmp``; on failure put the previous version back."""
+    backup = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent)) / "previous"
+    os.replace(path, backup)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(backup, path)
+        raise
+    shutil.rmtree(backup.parent, ignore_errors=True)
 
 
 def _parent(path: Path) -> Path:

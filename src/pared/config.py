@@ -28,6 +28,10 @@ class BaseConfig:
         """Raise ``UsageError`` naming the field when a value is out of range."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # Lists are accepted where a tuple is declared (YAML and Python callers alike).
+            if isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
         _check_field_types(self)
         self.validate()
 
@@ -131,4 +135,6 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _hint_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -91,7 +91,7 @@ def compress_task(
     fp32 = task.model()
     inputs = task.example_inputs(batch)
     step("applying the recipe")
-    ctx = Context(calib=task.calibration())
+    ctx = Context(calib=task.calibration(), task=task)
     compressed = compress_(copy.deepcopy(fp32), recipe, context=ctx)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         step("exporting artefacts")

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 import pared.quant  # noqa: F401 - registers the technique configs recipes may name
+import pared.train  # noqa: F401
 from pared.config import BaseConfig, config_from_dict
 from pared.errors import UsageError
 

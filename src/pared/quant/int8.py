@@ -243,6 +243,11 @@ def _quantized(name: str, m: nn.Module, cfg: Int8Config, act_range) -> nn.Module
         scale, zp = choose_qparams(act_range[0], act_range[1], symmetric=signed, signed=signed)
         q.act_scale.copy_(scale)
         q.act_zero_point.copy_(zp)
+        if q.bias is not None:
+            # Integer kernels add the bias as int32 at scale act_scale * weight_scale; rounding it
+            # here makes pared's eager reference bit-match what the runtime computes.
+            bias_scale = scale * q.weight_scale
+            q.bias.copy_(torch.round(q.bias / bias_scale) * bias_scale)
     return q
 
 

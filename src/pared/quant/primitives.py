@@ -13,6 +13,8 @@ from pared.errors import UsageError
 
 # Smallest scale we allow: keeps constant / all-zero tensors finite without distorting real ranges.
 MIN_SCALE = 1e-8
+# Largest float32 scale: keeps qparams finite however wide the observed range.
+_MAX_SCALE = float(torch.finfo(torch.float32).max)
 
 
 def qrange(bits: int, *, signed: bool) -> tuple[int, int]:
@@ -39,17 +41,18 @@ def choose_qparams(
         ``(scale, zero_point)``: float32 scales >= MIN_SCALE and int32 zero points in range.
     """
     qmin, qmax = qrange(bits, signed=signed)
-    min_val = torch.clamp(torch.nan_to_num(min_val.float(), nan=0.0, posinf=0.0, neginf=0.0), max=0.0)
-    max_val = torch.clamp(torch.nan_to_num(max_val.float(), nan=0.0, posinf=0.0, neginf=0.0), min=0.0)
+    # float64: a float32 range spanning more than float32's maximum would overflow to inf.
+    min_val = torch.clamp(torch.nan_to_num(min_val.double(), nan=0.0, posinf=0.0, neginf=0.0), max=0.0)
+    max_val = torch.clamp(torch.nan_to_num(max_val.double(), nan=0.0, posinf=0.0, neginf=0.0), min=0.0)
     if symmetric:
         bound = torch.maximum(-min_val, max_val)
         half = (qmax - qmin) // 2
-        scale = torch.clamp(bound / half, min=MIN_SCALE)
+        scale = torch.clamp(bound / half, min=MIN_SCALE, max=_MAX_SCALE)
         zp = torch.full_like(scale, 0 if signed else (qmax + qmin + 1) // 2, dtype=torch.int32)
     else:
-        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE)
+        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE, max=_MAX_SCALE)
         zp = torch.clamp(torch.round(qmin - min_val / scale), qmin, qmax).to(torch.int32)
-    return scale, zp
+    return scale.float(), zp
 
 
 def quantize(

@@ -82,7 +82,9 @@ def _apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context) -
         model, candidate=lambda n, m: type(m) is nn.Linear, include=cfg.include, exclude=cfg.exclude
     )
     if not chosen:
-        raise UsageError("smoothquant: no Linear layer selected")
+        # A conv-only model has nothing to smooth; the recipe's next steps still apply.
+        ctx.summary.append({"technique": "smoothquant", "alpha": cfg.alpha, "smoothed": []})
+        return model
     absmax = {} if ctx.skeleton else _channel_absmax(model, chosen, cfg, ctx)
     for name, linear in chosen:
         wrapped = SmoothedLinear(linear, linear.in_features)

@@ -187,6 +187,16 @@ class DigitsTask:
         x_train = digits_data()[0][:CALIB_IMAGES]
         return CalibData(chunks((x_train,), CALIB_BATCH))
 
+    def train_batches(self, batch_size: int, *, seed: int) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        """One shuffled epoch of ``((images,), labels)`` from the training split (for fine-tuning)."""
+        x_train, y_train, _, _ = digits_data()
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
+        return [((x_train[idx],), y_train[idx]) for idx in order.split(batch_size)]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the logits against the labels."""
+        return F.cross_entropy(output, target)
+
     def evaluate(self, run: Runner) -> dict[str, float]:
         """``{"accuracy": percent}`` on the 450 test images, in batches of 64."""
         _, _, x_test, y_test = digits_data()

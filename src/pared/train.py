@@ -1,0 +1,246 @@
+"""One training loop for every technique that fine-tunes (pruning recovery, QAT, clustering, KD).
+
+Plain PyTorch: an optimizer, an optional cosine schedule, gradient accumulation, autocast,
+atomic resumable checkpoints and a progress bar. Techniques hook in with ``after_step``
+callbacks (re-apply a pruning mask, snap weights to a codebook) instead of subclassing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pared.apply import Context, register
+from pared.atomic import atomic_write_bytes
+from pared.config import BaseConfig, register_config
+from pared.errors import InputRefused, UsageError
+
+Batch = tuple[tuple[torch.Tensor, ...], Any]
+"""``(model inputs, target)``; the target is whatever the loss function expects."""
+
+StepHook = Callable[[int, nn.Module], None]
+
+
+@runtime_checkable
+class TrainableTask(Protocol):
+    """A task that can also provide training batches and a loss (for fine-tuning)."""
+
+    def train_batches(self, batch_size: int, *, seed: int) -> Iterable[Batch]:
+        """One epoch of ``(inputs, target)`` batches, shuffled by ``seed``."""
+        ...
+
+    def loss(self, output: torch.Tensor, target: Any) -> torch.Tensor:
+        """Scalar training loss of the model's output against ``target``."""
+        ...
+
+
+@register_config("finetune")
+@dataclasses.dataclass
+class FinetuneConfig(BaseConfig):
+    """Fine-tune the model on the task's training data (a recipe step, or the loop's settings).
+
+    Attributes:
+        epochs: passes over the training data (ignored when ``steps`` > 0).
+        steps: optimizer steps; 0 means ``epochs`` full passes.
+        lr: peak learning rate.
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
+        weight_decay: L2 / decoupled weight decay.
+        schedule: ``cosine`` (decay to 0) or ``constant``.
+        batch_size: samples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        autocast: ``bf16`` or ``fp16`` mixed precision for forward/backward, or None.
+        seed: shuffling seed.
+        checkpoint_dir: folder for an atomic, resumable checkpoint, or None.
+        checkpoint_every: optimizer steps between checkpoints.
+    """
+
+    epochs: int = 1
+    steps: int = 0
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    batch_size: int = 64
+    grad_accum: int = 1
+    autocast: Literal["bf16", "fp16"] | None = None
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"finetune.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise UsageError(f"finetune.steps must be >= 0, got {self.steps}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UsageError(f"finetune.lr must be a positive number, got {self.lr}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run did: steps taken, the last smoothed loss, where it resumed from."""
+
+    steps: int
+    final_loss: float
+    resumed_from: int = 0
+
+
+def train(
+    model: nn.Module,
+    task: TrainableTask,
+    cfg: FinetuneConfig,
+    *,
+    after_step: Sequence[StepHook] = (),
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``task.train_batches`` with ``task.loss`` (or ``loss_fn``).
+
+    Args:
+        model: trained in place, on the device its parameters are on (CUDA when present there).
+        task: provides the batches and the default loss.
+        cfg: optimizer, schedule, steps and checkpointing.
+        after_step: called as ``hook(step, model)`` after every optimizer step.
+        loss_fn: overrides ``task.loss`` (knowledge distillation passes its own).
+        progress: show a progress bar with the running loss.
+
+    Returns:
+        A ``TrainResult``; the model is left in eval mode.
+
+    Raises:
+        InputRefused: the loss becomes NaN or inf (the step is named).
+    """
+    loss_fn = loss_fn or task.loss
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("finetune: the model has no trainable parameters")
+    opt = _optimizer(cfg, params)
+    total = cfg.steps or cfg.epochs * _steps_per_epoch(task, cfg)
+    sched = _schedule(cfg, opt, total)
+    start = _resume(cfg, model, opt, sched)
+    model.train()
+    smoothed = float("nan")
+    bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, leave=False)
+    micro = 0
+    step = start
+    for inputs, target in _batches(task, cfg, skip=start * cfg.grad_accum):
+        if step >= total:
+            break
+        inputs = tuple(t.to(device) for t in inputs)
+        target = target.to(device) if isinstance(target, torch.Tensor) else target
+        with _autocast(cfg, device):
+            loss = loss_fn(model(*inputs), target)
+        if not torch.isfinite(loss):
+            raise InputRefused(f"finetune: loss is {loss.item()} at step {step}; lower the learning rate")
+        (loss / cfg.grad_accum).backward()
+        micro += 1
+        if micro % cfg.grad_accum:
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        for hook in after_step:
+            hook(step, model)
+        smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{smoothed:.4f}")
+        if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
+            save_checkpoint(Path(cfg.checkpoint_dir), model, opt, sched, step)
+    bar.close()
+    model.eval()
+    return TrainResult(steps=step, final_loss=smoothed, resumed_from=start)
+
+
+def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int) -> Path:
+    """Write model, optimizer and schedule state atomically to ``directory/checkpoint.pt``.
+
+    Only tensors, numbers and containers are stored, so it loads with ``weights_only=True``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict()}
+    torch.save(state, buffer)
+    path = directory / "checkpoint.pt"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _resume(cfg: FinetuneConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> int:
+    if not cfg.checkpoint_dir:
+        return 0
+    path = Path(cfg.checkpoint_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return 0
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is refused the same way
+        raise InputRefused(f"checkpoint {path} cannot be resumed: {str(exc).splitlines()[0]}") from None
+    return int(state["step"])
+
+
+def _optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: FinetuneConfig, opt: torch.optim.Optimizer, total: int) -> Any:
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+
+
+def _steps_per_epoch(task: TrainableTask, cfg: FinetuneConfig) -> int:
+    n = sum(1 for _ in task.train_batches(cfg.batch_size, seed=cfg.seed))
+    if n == 0:
+        raise UsageError("finetune: the task yields no training batches")
+    return max(n // cfg.grad_accum, 1)
+
+
+def _batches(task: TrainableTask, cfg: FinetuneConfig, *, skip: int) -> Iterator[Batch]:
+    epoch = 0
+    seen = 0
+    while True:
+        empty = True
+        for batch in task.train_batches(cfg.batch_size, seed=cfg.seed + epoch):
+            empty = False
+            seen += 1
+            if seen > skip:
+                yield batch
+        if empty:
+            raise UsageError("finetune: the task yields no training batches")
+        epoch += 1
+
+
+def _autocast(cfg: FinetuneConfig, device: torch.device) -> Any:
+    if cfg.autocast is None:
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if cfg.autocast == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@register(FinetuneConfig)
+def _apply_finetune(model: nn.Module, cfg: FinetuneConfig, ctx: Context) -> nn.Module:
+    if ctx.skeleton:
+        return model
+    if not isinstance(ctx.task, TrainableTask):
+        name = getattr(ctx.task, "name", "this task")
+        raise UsageError(f"finetune: {name} provides no training data (a TrainableTask is needed)")
+    result = train(model, ctx.task, cfg)
+    ctx.summary.append({"technique": "finetune", "steps": result.steps, "final_loss": result.final_loss})
+    return model

@@ -1,0 +1,46 @@
+"""Shared fixtures: a session-wide pared cache (never ~/.cache/pared) and one trained digits CNN."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pared_session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``PARED_CACHE_DIR`` for the whole session, set in ``os.environ`` so subprocesses inherit it.
+
+    Tests that need their own cache still override it per test or module with ``monkeypatch``;
+    the monkeypatch restores this value afterwards.
+    """
+    path = tmp_path_factory.mktemp("pared-session-cache")
+    before = os.environ.get("PARED_CACHE_DIR")
+    os.environ["PARED_CACHE_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("PARED_CACHE_DIR", None)
+        else:
+            os.environ["PARED_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="session")
+def digits_fp32(pared_session_cache: Path) -> torch.nn.Module:
+    """The built-in digits CNN, trained once into the session cache (later ``model()`` calls and
+    CLI subprocesses load the cached weights)."""
+    from pared.tasks import get_task
+
+    prev = os.environ.get("PARED_CACHE_DIR")
+    os.environ["PARED_CACHE_DIR"] = str(pared_session_cache)  # a module fixture may have overridden it
+    try:
+        model = get_task("digits").model()
+    finally:
+        if prev is not None:
+            os.environ["PARED_CACHE_DIR"] = prev
+    assert (pared_session_cache / "digits_cnn_w16.safetensors").is_file()
+    return model

@@ -1,0 +1,255 @@
+"""QDQ ONNX export of int8 models: valid files, integer weights, runtimes agree with eager."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from pared.apply import compress_
+from pared.onnx_export import export_onnx, fold_constant_quantize, remove_unused_initializers
+from pared.quant import Int8Config, QuantLinear
+from pared.runtime import OnnxRuntimeRunner, OpenVinoRunner
+
+AXES = {"x": {0: "batch"}}
+
+
+def _mlp(d_in: int = 64, hidden: int = 128, d_out: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)).eval()
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(1)
+    m = TinyCNN()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _batches(shape: tuple[int, ...], n: int, seed: int) -> list[tuple[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen),) for _ in range(n)]
+
+
+CASES = {"mlp": (_mlp, (8, 64)), "cnn": (_cnn, (4, 3, 6, 6))}
+
+
+@pytest.fixture(scope="module")
+def static_models(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[nn.Module, Path, torch.Tensor]]:
+    out = {}
+    for name, (make, shape) in CASES.items():
+        q = compress_(make(), Int8Config(mode="static"), calib=_batches(shape, 4, seed=2))
+        x = _batches((32, *shape[1:]), 1, seed=3)[0][0]
+        target = tmp_path_factory.mktemp(name) / "m.onnx"
+        path = export_onnx(q, (x[:2],), target, input_names=["x"], dynamic_axes=AXES)
+        out[name] = (q, path, x)
+    return out
+
+
+def _initializers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray]]:
+    return [(i.name, numpy_helper.to_array(i)) for i in model.graph.initializer]
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_static_export_is_valid_qdq_with_int8_weights(static_models, name: str) -> None:
+    q, path, _ = static_models[name]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    n_layers = sum(isinstance(m, QuantLinear) for m in q.modules()) + (name == "cnn")
+    # one activation Q/DQ pair per layer, one weight DQ per layer; the weight Q was folded
+    assert ops.count("QuantizeLinear") == n_layers
+    assert ops.count("DequantizeLinear") == 2 * n_layers
+    inits = _initializers(model)
+    int8 = [a for _, a in inits if a.dtype == np.int8]
+    assert len(int8) == n_layers and all(a.ndim >= 2 for a in int8)
+    weights = {k: v for k, v in q.state_dict().items() if k.endswith("weight_q")}
+    assert sorted(a.size for a in int8) == sorted(int(v.numel()) for v in weights.values())
+    for w in weights.values():  # stored values are exactly pared's integer weights
+        assert any(np.array_equal(a, w.numpy()) or np.array_equal(a, w.numpy().T) for a in int8)
+    floats = [(k, a) for k, a in inits if a.dtype == np.float32]
+    if name == "mlp":
+        assert all(a.size < 1000 for _, a in floats), [(k, a.size) for k, a in floats]
+    assert not any(a.size == w.numel() for _, a in floats for w in weights.values())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_openvino_matches_eager_quantized_model(static_models, name: str) -> None:
+    q, path, x = static_models[name]
+    with torch.no_grad():
+        ref = q(x)
+    y = OpenVinoRunner(path, threads=1, input_names=["x"])(x)
+    assert y.shape == ref.shape
+    assert _rel_err(y, ref) < 1e-3
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_onnx_graph_math_equals_eager(static_models, name: str) -> None:
+    """The exported graph, run as written (no runtime rewrites), is pared's simulation."""
+    q, path, x = static_models[name]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+    with torch.no_grad():
+        assert _rel_err(y, q(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_onnxruntime_matches_eager_quantized_model(static_models, name: str) -> None:
+    q, path, x = static_models[name]
+    with torch.no_grad():
+        ref = q(x)
+    y = OnnxRuntimeRunner(path, threads=1, input_names=["x"])(x)
+    assert y.shape == ref.shape
+    # (the MLP lands at ~9.5e-4: see the xfail below for where the difference comes from)
+    assert _rel_err(y, ref) < 1e-3
+
+
+def test_onnxruntime_fused_kernels_equal_eager_exactly() -> None:
+    q = compress_(_mlp(16, 32, 8), Int8Config(), calib=_batches((8, 16), 4, seed=2))
+    x = _batches((32, 16), 1, seed=11)[0][0]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(q, (x[:2],), Path(tmp) / "m.onnx", input_names=["x"], dynamic_axes=AXES)
+        y = OnnxRuntimeRunner(path, threads=1, input_names=["x"])(x)
+    with torch.no_grad():
+        assert _rel_err(y, q(x)) < 1e-5
+
+
+def test_dynamic_export_uses_integer_matmul() -> None:
+    ref = _mlp()
+    q = compress_(copy.deepcopy(ref), Int8Config(mode="dynamic"))
+    x = _batches((16, 64), 1, seed=4)[0][0]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(q, (x[:2],), Path(tmp) / "d.onnx", input_names=["x"], dynamic_axes=AXES)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MatMulInteger") == 2 and ops.count("DynamicQuantizeLinear") == 2
+        assert "QuantizeLinear" not in ops
+        assert sum(a.dtype == np.int8 for _, a in _initializers(model)) == 2
+        y = OnnxRuntimeRunner(path, threads=1, input_names=["x"])(x)
+    with torch.no_grad():
+        assert _rel_err(y, q(x)) < 2e-2
+        assert _rel_err(y, ref(x)) < 5e-2
+
+
+def test_int8_onnx_is_at_most_0_3x_fp32(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    fp32 = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)).eval()
+    x = torch.randn(4, 512)
+    q = compress_(copy.deepcopy(fp32), Int8Config(), calib=[(x,)])
+    f = export_onnx(fp32, (x,), tmp_path / "fp32.onnx", input_names=["x"])
+    i = export_onnx(q, (x,), tmp_path / "int8.onnx", input_names=["x"])
+    ratio = i.stat().st_size / f.stat().st_size
+    assert ratio <= 0.3, ratio
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pared-tmp")] == []
+
+
+# ---------------------------------------------------------------- graph rewrites
+
+
+def _hand_built() -> onnx.ModelProto:
+    w = np.array([[0.5, -1.26, 3.0], [0.01, 0.0, -0.2]], np.float32)
+    nodes = [
+        # per-channel int8 weight with initializer scale and zero point -> folded
+        helper.make_node("QuantizeLinear", ["W", "w_scale", "w_zp"], ["Wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["Wq", "w_scale", "w_zp"], ["Wd"], axis=0),
+        # per-tensor uint8 with scale from a Constant node and no zero point -> folded
+        helper.make_node(
+            "Constant", [], ["c_scale"], value=numpy_helper.from_array(np.array(0.02, np.float32))
+        ),
+        helper.make_node("QuantizeLinear", ["B", "c_scale"], ["Bq"]),
+        helper.make_node("DequantizeLinear", ["Bq", "c_scale"], ["Bd"]),
+        # a graph input is not constant -> left alone
+        helper.make_node("QuantizeLinear", ["X", "c_scale"], ["Xq"]),
+        helper.make_node("DequantizeLinear", ["Xq", "c_scale"], ["Xd"]),
+        helper.make_node("MatMul", ["Xd", "Wd"], ["XW"]),
+        helper.make_node("Add", ["XW", "Bd"], ["Y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(np.array([3.0 / 127, 0.2 / 127], np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(2, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array([0.07, 9.0, -1.0], np.float32), "B"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [4, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4, 3])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"X": x})[0]
+
+
+def test_fold_constant_quantize_on_hand_built_graph() -> None:
+    model = _hand_built()
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    before = _run(model, x)
+
+    assert fold_constant_quantize(model.graph) == 2
+    remove_unused_initializers(model.graph)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1  # only the one on the graph input remains
+    inits = dict(_initializers(model))
+    assert "W" not in inits and "B" not in inits  # float originals dropped
+    w_scale = np.array([3.0 / 127, 0.2 / 127], np.float32)
+    w = np.array([[0.5, -1.26, 3.0], [0.01, 0.0, -0.2]], np.float32)
+    expected_w = np.clip(np.rint(w / w_scale[:, None]), -128, 127).astype(np.int8)
+    assert inits["Wq"].dtype == np.int8 and np.array_equal(inits["Wq"], expected_w)
+    assert inits["Wq"].tolist() == [[21, -53, 127], [6, 0, -127]]
+    assert inits["Bq"].dtype == np.uint8 and inits["Bq"].tolist() == [4, 255, 0]  # saturates, no wrap
+    np.testing.assert_array_equal(_run(model, x), before)
+
+
+def test_fold_constant_quantize_is_a_no_op_without_constants() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["X", "s"], ["Y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.UINT8, [2])],
+    )
+    assert fold_constant_quantize(graph) == 0 and len(graph.node) == 1

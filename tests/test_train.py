@@ -1,0 +1,91 @@
+"""The shared training loop: it trains, resumes from atomic checkpoints and refuses bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pared.apply import Context, compress_
+from pared.errors import InputRefused, UsageError
+from pared.train import FinetuneConfig, TrainableTask, train
+
+
+class Regression:
+    """y = x @ w_true: a task a Linear layer can fit exactly."""
+
+    def __init__(self, n: int = 256) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=gen)
+        self.y = self.x @ torch.randn(8, 2, generator=gen)
+
+    def train_batches(self, batch_size: int, *, seed: int):
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(seed))
+        return [((self.x[i],), self.y[i]) for i in order.split(batch_size)]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(output, target)
+
+
+def _linear() -> nn.Linear:
+    torch.manual_seed(1)
+    return nn.Linear(8, 2)
+
+
+def test_training_reduces_the_loss() -> None:
+    task, model = Regression(), _linear()
+    before = task.loss(model(task.x), task.y).item()
+    result = train(model, task, FinetuneConfig(epochs=20, lr=0.05, batch_size=32), progress=False)
+    after = task.loss(model(task.x), task.y).item()
+    assert isinstance(task, TrainableTask)
+    assert result.steps == 20 * 8
+    assert after < 0.01 * before
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path) -> None:
+    task = Regression()
+    cfg = FinetuneConfig(steps=30, lr=0.01, batch_size=32, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=10)
+    reference = _linear()
+    train(reference, task, FinetuneConfig(steps=30, lr=0.01, batch_size=32), progress=False)
+
+    def crash_at_11(step: int, _model: nn.Module) -> None:
+        if step == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_linear(), task, cfg, after_step=[crash_at_11], progress=False)
+    resumed = _linear()
+    result = train(resumed, task, cfg, progress=False)
+    assert result.resumed_from == 10 and result.steps == 30
+    assert torch.equal(resumed.weight, reference.weight) and torch.equal(resumed.bias, reference.bias)
+    assert not list((tmp_path / "ckpt").glob(".pared-tmp-*"))
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputRefused, match="cannot be resumed"):
+        train(_linear(), Regression(), FinetuneConfig(steps=2, checkpoint_dir=str(tmp_path)), progress=False)
+
+
+def test_diverging_loss_names_the_step() -> None:
+    with pytest.raises(InputRefused, match="at step"):
+        train(_linear(), Regression(), FinetuneConfig(steps=50, lr=1e12, optimizer="sgd", batch_size=32), progress=False)
+
+
+def test_bad_config_values() -> None:
+    for kwargs in ({"epochs": 0}, {"lr": -1.0}, {"steps": -2}, {"grad_accum": 0}):
+        with pytest.raises(UsageError):
+            FinetuneConfig(**kwargs)
+
+
+def test_finetune_step_needs_a_trainable_task() -> None:
+    with pytest.raises(UsageError, match="no training data"):
+        compress_(_linear(), FinetuneConfig(steps=1), context=Context(task=object()))
+    ctx = Context(task=Regression())
+    compress_(_linear(), FinetuneConfig(steps=3, batch_size=32), context=ctx)
+    assert ctx.summary[-1]["technique"] == "finetune" and ctx.summary[-1]["steps"] == 3
+
+
+def test_gradient_accumulation_counts_optimizer_steps() -> None:
+    result = train(_linear(), Regression(), FinetuneConfig(epochs=1, batch_size=32, grad_accum=4), progress=False)
+    assert result.steps == 2  # 8 micro-batches / 4
