@@ -17,39 +17,21 @@ from pared.apply import compress_
 from pared.onnx_export import export_onnx, fold_constant_quantize, remove_unused_initializers
 from pared.quant import Int8Config, QuantLinear
 from pared.runtime import OnnxRuntimeRunner, OpenVinoRunner
+from pared.testing.models import TinyCNN, random_batches, tiny_cnn, tiny_mlp
 
 AXES = {"x": {0: "batch"}}
 
 
 def _mlp(d_in: int = 64, hidden: int = 128, d_out: int = 16, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)).eval()
+    return tiny_mlp(d_in, hidden, d_out, seed=seed)
 
 
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(8 * 6 * 6, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(1)
-    m = TinyCNN()
-    with torch.no_grad():
-        m.bn.running_mean.uniform_(-0.5, 0.5)
-        m.bn.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+def _cnn() -> TinyCNN:
+    return tiny_cnn()
 
 
 def _batches(shape: tuple[int, ...], n: int, seed: int) -> list[tuple[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen),) for _ in range(n)]
+    return random_batches(shape, n, seed=seed)
 
 
 CASES = {"mlp": (_mlp, (8, 64)), "cnn": (_cnn, (4, 3, 6, 6))}

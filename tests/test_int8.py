@@ -11,6 +11,7 @@ from torch import nn
 
 from pared.apply import Context, compress_
 from pared.calib import CalibData
+from pared.testing.models import TinyCNN, random_batches, tiny_cnn, tiny_mlp
 from pared.errors import InputRefused, UsageError
 from pared.quant import Int8Config, QuantConv2d, QuantEmbedding, QuantLinear, SmoothQuantConfig
 from pared.quant.batchnorm import fold_batchnorms, fold_conv_bn_
@@ -18,36 +19,15 @@ from pared.quant.smoothquant import ChannelScale, SmoothedLinear, smoothing_scal
 
 
 def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(8 * 6 * 6, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.relu(self.bn(self.conv(x))).flatten(1))
+    return tiny_mlp()
 
 
 def _cnn() -> TinyCNN:
-    torch.manual_seed(1)
-    m = TinyCNN()
-    with torch.no_grad():  # non-trivial BatchNorm statistics so folding matters
-        m.bn.running_mean.uniform_(-0.5, 0.5)
-        m.bn.running_var.uniform_(0.5, 2.0)
-        m.bn.weight.uniform_(0.5, 1.5)
-        m.bn.bias.uniform_(-0.2, 0.2)
-    return m.eval()
+    return tiny_cnn()
 
 
 def _calib(shape: tuple[int, ...], n: int = 4, seed: int = 2) -> list[tuple[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen),) for _ in range(n)]
+    return random_batches(shape, n, seed=seed)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,1 @@
+"""Toy models and helpers shared by pared's tests (and usable by technique authors)."""
