@@ -27,12 +27,21 @@ class Context:
         task: the task being compressed; fine-tuning steps train on its data (``TrainableTask``).
         skeleton: rebuild the compressed structure only, with placeholder values, so that a
             saved state_dict can be loaded into it (no calibration, no data needed).
+        structure: JSON-friendly facts a handler needs to rebuild its result in skeleton mode
+            when they depend on data (kept channels, per-layer ranks), keyed by
+            ``structure_key(step_index, technique)``. Saved in the artefact manifest.
     """
 
     calib: Iterable[Any] | None = None
+    summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     skeleton: bool = False
     task: Any = None
-    summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    structure: dict[str, Any] = dataclasses.field(default_factory=dict)
+    step: int = 0
+
+    def structure_key(self, technique: str) -> str:
+        """Key of the current recipe step in ``structure``: ``"<step index>:<technique>"``."""
+        return f"{self.step}:{technique}"
 
 
 Handler = Callable[[nn.Module, Any, Context], nn.Module]
@@ -75,9 +84,10 @@ def compress_(
     if calib is not None:
         ctx.calib = calib
     configs = [config] if isinstance(config, BaseConfig) else list(config)
-    for cfg in configs:
+    for index, cfg in enumerate(configs):
         handler = _HANDLERS.get(type(cfg))
         if handler is None:
             raise UsageError(f"no handler registered for {type(cfg).__name__}")
+        ctx.step = index
         model = handler(model, cfg, ctx)
     return model

@@ -32,7 +32,12 @@ _MAX_MANIFEST_BYTES = 16 << 20
 
 
 def save_artefact(
-    model: nn.Module, directory: str | os.PathLike[str], *, recipe: list[BaseConfig], source: dict[str, Any] | None
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    recipe: list[BaseConfig],
+    source: dict[str, Any] | None,
+    structure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``model``'s tensors and the manifest into ``directory`` (which must exist).
 
@@ -42,6 +47,7 @@ def save_artefact(
         recipe: the configs that were applied, in order.
         source: how to rebuild the float model (``{"kind": "builtin", "name": "digits"}``, a
             factory, an HF directory), or None when the caller will pass the model at load time.
+        structure: ``Context.structure`` of the run (data-dependent shapes to rebuild).
 
     Returns:
         The manifest written.
@@ -56,6 +62,7 @@ def save_artefact(
         "torch_version": torch.__version__,
         "source": source,
         "recipe": [config_to_dict(c) for c in recipe],
+        "structure": structure or {},
         "files": {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
     }
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
@@ -82,7 +89,10 @@ def load_artefact(directory: str | os.PathLike[str], *, model: nn.Module | None 
     if model is None:
         model = _rebuild_source(manifest.get("source"))
     recipe = [config_from_dict(d) for d in manifest["recipe"]]
-    model = compress_(model, recipe, context=Context(skeleton=True))
+    structure = manifest.get("structure", {})
+    if not isinstance(structure, dict):
+        raise InputRefused(f"{directory / MANIFEST}: structure must be a mapping")
+    model = compress_(model, recipe, context=Context(skeleton=True, structure=structure))
     load_into(model, load_state_dict_file(weights), strict=True, source=str(weights))
     return model.eval()
 

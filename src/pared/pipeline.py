@@ -95,7 +95,7 @@ def compress_task(
     compressed = compress_(copy.deepcopy(fp32), recipe, context=ctx)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         step("exporting artefacts")
-        save_artefact(compressed, tmp, recipe=recipe, source=source)
+        save_artefact(compressed, tmp, recipe=recipe, source=source, structure=ctx.structure)
         runners, onnx_paths = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
         step("evaluating the task metric (fp32 and compressed)")
         metrics = {"baseline": task.evaluate(runners["baseline"]), "compressed": task.evaluate(runners["compressed"])}
