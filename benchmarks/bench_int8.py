@@ -4,6 +4,8 @@ Prints one JSON object per line on stdout (progress goes to stderr):
 
 - one line per (method, batch size) with p50/p90 latency, the p50 ratio against fp32 PyTorch
   eager measured in the same interleaved run, the artefact size and the task metrics;
+- one ``"timing": true`` line per batch size: how many rounds were used and how many were set
+  aside because other processes were busy;
 - one line per method that could not be built or run, with ``"error"``;
 - one summary line per task with the machine and library versions.
 
@@ -22,9 +24,9 @@ Latency: per batch size, ``--rounds`` rounds after 3 untimed ones; each round is
 hits every method alike. Two guards against this shared 2-core machine (see docs/benchmarks.md):
 
 - settle: each timed call directly follows one untimed call of the same method. Without it a
-  call pays for the previous runtime's worker threads, which keep spinning for a while after
-  their own call (measured: OpenVINO on digits at batch 64 took 0.8 ms after itself, 6.2 ms right
-  after PyTorch). ``--no-settle`` times the plain round-robin instead.
+  call is slowed by what the previous runtime's worker threads still do after returning (most
+  likely spin-waiting). Measured: OpenVINO on digits at batch 64 took 0.8 ms right after itself
+  and 6.2 ms right after PyTorch. ``--no-settle`` times the plain round-robin instead.
 - busy rounds: a round during which other processes used more than 10% of a core (read from
   ``/proc/stat``) is set aside and repeated; the timing line of each batch says how many.
 
@@ -71,6 +73,9 @@ BATCHES = {"minilm": (1, 8), "digits": (1, 64)}
 BASELINE = "torch-fp32-eager"
 FOREIGN_LIMIT = 0.10  # a round is set aside when other processes used over 10% of a core
 MAX_EXTRA = 2  # at most this many extra attempts per wanted round
+# CPU features that decide which int8 kernels the runtimes can use (VNNI: int8 dot products; AMX:
+# int8 matrix tiles).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
 
 def log(msg: str) -> None:
@@ -250,8 +255,8 @@ def timed_rounds(
     """``rounds`` clean interleaved rounds of every method, after ``WARMUP`` untimed rounds.
 
     Each round is one ``interleaved_latency`` call over all methods, in a fresh seeded order. With
-    ``settle``, every timed call directly follows one untimed call of the same method, so the
-    previous runtime's still-spinning worker threads do not land on it. A round during which other
+    ``settle``, every timed call directly follows one untimed call of the same method, so what
+    the previous runtime's worker threads still do does not land on it. A round during which other
     processes used more than ``FOREIGN_LIMIT`` of one core is set aside and run again (at most
     ``MAX_EXTRA`` x rounds extra attempts), because 2-thread runtimes on a 2-core machine slow down
     very unequally when a core is taken away (PyTorch's OpenMP far more than OpenVINO or ONNX
@@ -357,15 +362,17 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import openvino
 
-    model = ""
+    model, flags = "", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not model:
                 model = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     return {
         "processor": platform.processor(),
         "cpu_model": model,
+        "int8_isa": [f for f in ISA_FLAGS if f in flags],
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),

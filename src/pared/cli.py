@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-RUNTIME_HELP = "Runtime for the compressed model: openvino, onnxruntime or torch."
+RUNTIME_HELP = "Runtime for the compressed model: auto (OpenVINO, or ONNX Runtime for int4), openvino, onnxruntime or torch."
 MODEL_HELP = "Built-in name (minilm, digits), a package.module:function factory, or a Hugging Face model directory."
 
 
@@ -29,7 +29,7 @@ def compress(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name (see `pared recipes`) or a YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
-    runtime: str = typer.Option("openvino", help=RUNTIME_HELP),
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP),
     threads: int = typer.Option(2, help="Intra-op threads for every runtime measured."),
     batch: int = typer.Option(8, help="Batch size for latency, memory and energy."),
     rounds: int = typer.Option(20, help="Timed calls per runner (interleaved)."),

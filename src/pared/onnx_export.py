@@ -56,6 +56,7 @@ def export_onnx(
                 output_names=["output"],
                 dynamic_axes=dynamic_axes or {},
                 opset_version=OPSET,
+                custom_opsets={"com.microsoft": 1},
                 do_constant_folding=True,
                 dynamo=False,
             )
@@ -152,6 +153,12 @@ def fold_dequantize_transpose(graph: onnx.GraphProto) -> int:
         graph.node.remove(dq)
         folded += 1
     return folded
+
+
+def uses_contrib_ops(path: str | os.PathLike[str]) -> bool:
+    """True when the ONNX file uses ONNX Runtime's ``com.microsoft`` operators."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(n.domain == "com.microsoft" for n in proto.graph.node)
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -33,7 +33,7 @@ from pared.measure import (
     peak_memory_bytes,
 )
 from pared.measure.size import activation_bytes
-from pared.onnx_export import export_onnx
+from pared.onnx_export import export_onnx, uses_contrib_ops
 from pared.report import render_markdown
 from pared.runtime import RUNTIMES, make_runner
 from pared.tasks import Task
@@ -47,7 +47,7 @@ def compress_task(
     out_dir: str | Path,
     *,
     recipe_name: str = "custom",
-    runtime: str = "openvino",
+    runtime: str = "auto",
     threads: int = 2,
     batch: int = 8,
     latency_rounds: int = 20,
@@ -62,7 +62,9 @@ def compress_task(
         task: the model, its data and its metric.
         recipe: technique configs applied in order.
         out_dir: output folder; created atomically (temp folder renamed at the end).
-        runtime: where the compressed model runs: ``openvino``, ``onnxruntime`` or ``torch``.
+        runtime: where the compressed model runs: ``openvino``, ``onnxruntime``, ``torch``, or
+            ``auto``: OpenVINO (the faster int8 runtime on CPU) unless the exported graph uses
+            ONNX Runtime contrib ops (int4 ``MatMulNBits``), which only ONNX Runtime runs.
         threads: intra-op threads for every runtime measured.
         batch: batch size for latency, MACs, memory and energy.
         latency_rounds: timed calls per runner (interleaved).
@@ -79,8 +81,8 @@ def compress_task(
         QualityGateFailed: the metric dropped more than ``max_drop``.
     """
     out_dir = Path(out_dir)
-    if runtime not in RUNTIMES:
-        raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime not in (*RUNTIMES, "auto"):
+        raise UsageError(f"unknown runtime {runtime!r}; choose auto or one of {', '.join(RUNTIMES)}")
     if threads < 1 or batch < 1 or latency_rounds < 1:
         raise UsageError("threads, batch and latency_rounds must be >= 1")
     if out_dir.exists() and not overwrite:
@@ -103,7 +105,7 @@ def compress_task(
         samples = interleaved_latency(runners, inputs, rounds=latency_rounds, warmup=3)
         step("measuring size, MACs, memory and energy")
         report = _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, samples, metrics,
-                         tmp, onnx_paths, runtime=runtime, threads=threads, batch=batch)
+                         tmp, onnx_paths, runtime=runners["compressed"].runtime, threads=threads, batch=batch)
         report["steps"] = ctx.summary
         _quality_gate(task, report, max_drop, allow_regression)
         atomic_write_text(tmp / "report.json", _json(report))
@@ -118,10 +120,14 @@ def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Pa
     if runtime == "torch":
         runners["compressed"] = make_runner("torch", model=compressed, threads=threads)
         return runners, paths
+    paths["compressed"] = export_onnx(compressed, inputs, tmp / ONNX_FILE, input_names=names, dynamic_axes=task.dynamic_axes())
+    if runtime == "auto":
+        runtime = "onnxruntime" if uses_contrib_ops(paths["compressed"]) else "openvino"
+    elif runtime == "openvino" and uses_contrib_ops(paths["compressed"]):
+        raise UsageError("this recipe exports ONNX Runtime contrib ops (int4 MatMulNBits) that OpenVINO cannot run: use --runtime onnxruntime or auto")
     with tempfile.TemporaryDirectory() as scratch:
         fp32_onnx = export_onnx(fp32, inputs, Path(scratch) / "fp32.onnx", input_names=names, dynamic_axes=task.dynamic_axes())
         runners["fp32_same_runtime"] = make_runner(runtime, onnx_path=fp32_onnx, threads=threads, input_names=names)
-    paths["compressed"] = export_onnx(compressed, inputs, tmp / ONNX_FILE, input_names=names, dynamic_axes=task.dynamic_axes())
     runners["compressed"] = make_runner(runtime, onnx_path=paths["compressed"], threads=threads, input_names=names)
     return runners, paths
 
@@ -135,10 +141,10 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
     deployed = onnx_paths.get("compressed", tmp / WEIGHTS)
     macs = count_macs(fp32, inputs)
     act_bytes = activation_bytes(fp32, inputs)
-    quantized = any("int8" == s.get("technique") for s in (config_to_dict(c) for c in recipe))
+    mac_dtype = _mac_dtype(recipe)
     sides = {
         "baseline": (fp32, runners["baseline"], "torch", fp32_bytes, "fp32"),
-        "compressed": (compressed, runners["compressed"], runtime, file_bytes(deployed), "int8" if quantized else "fp32"),
+        "compressed": (compressed, runners["compressed"], runtime, file_bytes(deployed), mac_dtype),
     }
     report: dict[str, Any] = {"task": task.name, "primary_metric": task.primary_metric}
     for side, (model, run, rt, size, dtype) in sides.items():
@@ -171,6 +177,17 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
     ]
     report["environment"] = {"torch": torch.__version__, "threads": threads, "python": sys.version.split()[0]}
     return report
+
+
+def _mac_dtype(recipe: list[BaseConfig]) -> str:
+    """Data type of most multiply-accumulates after the recipe, for the energy estimate.
+
+    Weight-only schemes keep activations in float, so their MACs are fp32 on CPU kernels.
+    """
+    steps = [config_to_dict(c) for c in recipe]
+    if any(s["technique"] == "int8" and s.get("mode") in ("static", "dynamic") for s in steps):
+        return "int8"
+    return "fp32"
 
 
 def _quality_gate(task: Task, report: dict[str, Any], max_drop: float | None, allow_regression: bool) -> None:

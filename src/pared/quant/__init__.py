@@ -6,3 +6,6 @@ __all__ = ["Int8Config", "QuantConv2d", "QuantEmbedding", "QuantLinear"]
 from pared.quant.smoothquant import SmoothQuantConfig  # noqa: E402
 
 __all__ += ["SmoothQuantConfig"]
+from pared.quant.weight_only import QuantEmbeddingNBits, QuantLinearNBits, WeightOnlyConfig  # noqa: E402
+
+__all__ += ["QuantEmbeddingNBits", "QuantLinearNBits", "WeightOnlyConfig"]
