@@ -16,18 +16,32 @@ from pared.recipe import builtin_recipes, load_recipe
 
 
 def _non_default(cls: type) -> dict:
-    """Field values that differ from the defaults, so the round-trip is not trivially true."""
+    """Field values that differ from the defaults, so the round-trip is not trivially true.
+
+    A candidate a config's own validation refuses (bits 7, group size 131) is left at its
+    default; every config must still get at least one non-default field.
+    """
     out: dict = {}
     for f in dataclasses.fields(cls):
         default = f.default
         if isinstance(default, bool):
-            out[f.name] = not default
+            candidates = [not default]
         elif isinstance(default, int):
-            out[f.name] = default + 3
+            candidates = [default + 3, default * 2, default // 2]
         elif isinstance(default, float):
-            out[f.name] = 0.25 if default != 0.25 else 0.75
+            candidates = [0.25 if default != 0.25 else 0.75]
         elif isinstance(default, tuple):
-            out[f.name] = ("re:.*",)
+            candidates = [("re:.*",)]
+        else:
+            continue
+        for value in candidates:
+            try:
+                cls(**{**out, f.name: value})
+            except UsageError:
+                continue
+            out[f.name] = value
+            break
+    assert out, f"{cls.__name__}: no field could be set to a non-default value"
     return out
 
 

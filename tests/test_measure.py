@@ -186,7 +186,7 @@ def test_latency_from_samples_percentiles() -> None:
 def test_interleaved_latency_round_robin() -> None:
     order: list[str] = []
     runners = {name: (lambda x, n=name: order.append(n)) for name in "abc"}
-    samples = interleaved_latency(runners, (0,), rounds=3, warmup=1)
+    samples = interleaved_latency(runners, (0,), rounds=3, warmup=1, settle=False)
     assert order == list("abc") * 4
     assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
 
@@ -194,7 +194,7 @@ def test_interleaved_latency_round_robin() -> None:
 def test_interleaved_latency_rotate_and_per_runner_inputs() -> None:
     seen: list[tuple[str, int]] = []
     runners = {name: (lambda x, n=name: seen.append((n, x))) for name in "ab"}
-    interleaved_latency(runners, {"a": (1,), "b": (2,)}, rounds=2, warmup=0, rotate=True)
+    interleaved_latency(runners, {"a": (1,), "b": (2,)}, rounds=2, warmup=0, rotate=True, settle=False)
     assert seen == [("a", 1), ("b", 2), ("b", 2), ("a", 1)]
 
 
@@ -348,3 +348,11 @@ def test_nvml_counter_delta_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     assert e.method == "measured:nvml"
     assert e.value_j == pytest.approx(0.25)
     assert e.detail["calls"] >= 3 and e.detail["elapsed_s"] >= 1.0
+
+
+def test_interleaved_latency_settle_calls_each_runner_twice_in_a_row() -> None:
+    order: list[str] = []
+    runners = {name: (lambda _x, n=name: order.append(n)) for name in ("a", "b")}
+    samples = interleaved_latency(runners, (0,), rounds=2, warmup=0)
+    assert order == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    assert [len(v) for v in samples.values()] == [2, 2]

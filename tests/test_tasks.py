@@ -244,7 +244,7 @@ def test_get_task_unknown_names_known_tasks() -> None:
     with pytest.raises(UsageError) as err:
         get_task("nope")
     assert "minilm" in str(err.value) and "digits" in str(err.value) and "nope" in str(err.value)
-    assert set(BUILTIN_TASKS) == {"minilm", "digits"}
+    assert {"minilm", "digits"} <= set(BUILTIN_TASKS)
 
 
 def _user_task(**kwargs: object) -> UserTask:

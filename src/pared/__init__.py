@@ -11,6 +11,9 @@ from pared.errors import (
     UsageError,
 )
 
+from pared.quant import Int8Config, SmoothQuantConfig, WeightOnlyConfig
+from pared.train import FinetuneConfig
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -18,6 +21,10 @@ __all__ = [
     "CalibData",
     "Context",
     "EnvironmentIOError",
+    "FinetuneConfig",
+    "Int8Config",
+    "SmoothQuantConfig",
+    "WeightOnlyConfig",
     "InputRefused",
     "ParedError",
     "QualityGateFailed",

@@ -56,7 +56,7 @@ def export_onnx(
                 output_names=["output"],
                 dynamic_axes=dynamic_axes or {},
                 opset_version=OPSET,
-                custom_opsets={"com.microsoft": 1},
+                custom_opsets=_custom_opsets(model),
                 do_constant_folding=True,
                 dynamo=False,
             )
@@ -153,6 +153,12 @@ def fold_dequantize_transpose(graph: onnx.GraphProto) -> int:
         graph.node.remove(dq)
         folded += 1
     return folded
+
+
+def _custom_opsets(model: nn.Module) -> dict[str, int]:
+    # Modules that export ONNX Runtime contrib ops say so with an ``onnx_domain`` attribute.
+    domains = {getattr(m, "onnx_domain", None) for m in model.modules()} - {None}
+    return {d: 1 for d in domains}
 
 
 def uses_contrib_ops(path: str | os.PathLike[str]) -> bool:

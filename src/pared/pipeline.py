@@ -141,7 +141,7 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
     deployed = onnx_paths.get("compressed", tmp / WEIGHTS)
     macs = count_macs(fp32, inputs)
     act_bytes = activation_bytes(fp32, inputs)
-    mac_dtype = _mac_dtype(recipe)
+    mac_dtype = _mac_dtype(recipe) if runtime != "torch" else "fp32"
     sides = {
         "baseline": (fp32, runners["baseline"], "torch", fp32_bytes, "fp32"),
         "compressed": (compressed, runners["compressed"], runtime, file_bytes(deployed), mac_dtype),
@@ -180,9 +180,11 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
 
 
 def _mac_dtype(recipe: list[BaseConfig]) -> str:
-    """Data type of most multiply-accumulates after the recipe, for the energy estimate.
+    """Data type of most multiply-accumulates in the exported runtime, for the energy estimate.
 
-    Weight-only schemes keep activations in float, so their MACs are fp32 on CPU kernels.
+    Weight-only schemes are labelled fp32: the activations stay float in the graph (ONNX
+    Runtime may still compute some in int8 blocks internally; the estimate stays conservative).
+    PyTorch eager computes pared's quantized modules in float, hence fp32 for that runtime.
     """
     steps = [config_to_dict(c) for c in recipe]
     if any(s["technique"] == "int8" and s.get("mode") in ("static", "dynamic") for s in steps):

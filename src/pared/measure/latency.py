@@ -111,6 +111,7 @@ def interleaved_latency(
     rounds: int = 10,
     warmup: int = 2,
     rotate: bool = False,
+    settle: bool = True,
 ) -> dict[str, list[float]]:
     """Time several runners round-robin, one call of each per round.
 
@@ -123,8 +124,12 @@ def interleaved_latency(
         inputs: one argument tuple shared by all runners, or name -> tuple per runner.
         rounds: timed rounds; each runner gets exactly this many samples.
         warmup: untimed rounds first, also round-robin.
-        rotate: start each round one runner later, so no runner always follows the same one
-            (matters when a runner leaves caches cold or warm for the next).
+        rotate: start each round one runner later, so the first runner of a round changes.
+        settle: make one untimed call of the same runner right before each timed call. On a
+            2-core machine a call made right after another runtime's call is slowed by that
+            runtime's worker threads winding down, by different amounts per runtime (OpenVINO
+            measured 0.8 ms after itself and 6.2 ms after PyTorch on digits); settling times
+            each runner in its own steady state while keeping the rounds interleaved.
 
     Returns:
         name -> list of per-call milliseconds, in round order. Build a ``Latency`` from a
@@ -146,6 +151,8 @@ def interleaved_latency(
         for round_index in range(warmup + rounds):
             shift = round_index % len(names) if rotate else 0
             for name in names[shift:] + names[:shift]:
+                if settle:
+                    calls[name]()
                 elapsed = calls[name]()
                 if round_index >= warmup:
                     samples[name].append(elapsed)

@@ -21,6 +21,7 @@ def gptq_quantize(
     group_size: int,
     damp: float = 0.01,
     block: int = 128,
+    act_order: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` (out, in) group-wise along ``in`` with GPTQ error compensation.
 
@@ -31,6 +32,10 @@ def gptq_quantize(
         group_size: columns sharing one scale and zero point.
         damp: fraction of the mean Hessian diagonal added to it for numerical stability.
         block: columns processed per lazy-update block (a multiple of ``group_size``).
+        act_order: round columns in order of decreasing Hessian diagonal (the inputs that
+            matter most first, while the most error can still be compensated). Group scales are
+            then fixed up front from the float weight ("static groups"), so groups stay
+            contiguous in the original layout that integer kernels expect.
 
     Returns:
         ``(codes uint8 (N, K), scales float (N, K // group_size), zero_points uint8 same shape)``.
@@ -42,26 +47,23 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     qmin, qmax = qrange(bits, signed=False)
+    # Static groups: scale and zero point per original group, with the clipping that minimises
+    # each group's own rounding error, decided before any error is propagated.
+    _, scales, zeros = rtn_quantize(w.float(), bits=bits, group_size=group_size)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, order], h[order][:, order]
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    col_scale = scales.double()[:, order // group_size]
+    col_zero = zeros.double()[:, order // group_size]
     codes = torch.zeros(n_out, k, dtype=torch.uint8)
-    groups = k // group_size
-    scales = torch.zeros(n_out, groups)
-    zeros = torch.zeros(n_out, groups, dtype=torch.uint8)
-    block = max(group_size, block // group_size * group_size)
     for start in range(0, k, block):
         end = min(start + block, k)
         w_blk, err_blk, h_blk = w[:, start:end].clone(), torch.zeros(n_out, end - start, dtype=w.dtype), h_inv[start:end, start:end]
         for i in range(end - start):
-            col = start + i
-            if col % group_size == 0:
-                g = col // group_size
-                span = w_blk[:, i : i + group_size]
-                s, z = choose_qparams(span.min(dim=1).values, span.max(dim=1).values, bits=bits, symmetric=False, signed=False)
-                scales[:, g], zeros[:, g] = s, z.to(torch.uint8)
-            s, z = scales[:, col // group_size].double(), zeros[:, col // group_size].double()
+            s, z = col_scale[:, start + i], col_zero[:, start + i]
             q = torch.clamp(torch.round(w_blk[:, i] / s) + z, qmin, qmax)
-            codes[:, col] = q.to(torch.uint8)
+            codes[:, order[start + i]] = q.to(torch.uint8)
             err = (w_blk[:, i] - (q - z) * s) / h_blk[i, i]
             w_blk[:, i:] -= err.unsqueeze(1) @ h_blk[i, i:].unsqueeze(0)
             err_blk[:, i] = err
@@ -69,14 +71,31 @@ def gptq_quantize(
     return codes, scales, zeros
 
 
+# Shrink factors tried for each group's range: a slightly clipped range often rounds the bulk
+# of the weights more finely than it costs on the few extremes (the same search AWQ/HQQ use).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
 def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest group-wise quantization; same outputs as ``gptq_quantize``."""
+    """Round-to-nearest group-wise quantization with a per-group clipping search.
+
+    Returns the same triple as ``gptq_quantize``: codes (N, K), scales and zero points (N, K/group).
+    """
     n_out, k = weight.shape
     w = weight.detach().float().reshape(n_out, k // group_size, group_size)
-    s, z = choose_qparams(w.min(dim=2).values, w.max(dim=2).values, bits=bits, symmetric=False, signed=False)
+    lo, hi = w.min(dim=2).values, w.max(dim=2).values
     qmin, qmax = qrange(bits, signed=False)
-    codes = torch.clamp(torch.round(w / s.unsqueeze(-1)) + z.unsqueeze(-1), qmin, qmax).to(torch.uint8)
-    return codes.reshape(n_out, k), s, z.to(torch.uint8)
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_z = torch.ones_like(lo), torch.zeros_like(lo, dtype=torch.int32)
+    for ratio in CLIP_RATIOS:
+        s, z = choose_qparams(lo * ratio, hi * ratio, bits=bits, symmetric=False, signed=False)
+        q = torch.clamp(torch.round(w / s.unsqueeze(-1)) + z.unsqueeze(-1), qmin, qmax)
+        err = ((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - w).pow(2).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    codes = torch.clamp(torch.round(w / best_s.unsqueeze(-1)) + best_z.unsqueeze(-1), qmin, qmax).to(torch.uint8)
+    return codes.reshape(n_out, k), best_s, best_z.to(torch.uint8)
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,8 @@ class WeightOnlyConfig(BaseConfig):
 class QuantLinearNBits(nn.Module):
     """Linear layer with group-wise asymmetric 4- or 8-bit weight codes."""
 
+    onnx_domain = "com.microsoft"
+
     def __init__(self, in_features: int, out_features: int, *, bias: bool, bits: int, group_size: int) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
@@ -105,25 +107,31 @@ class QuantLinearNBits(nn.Module):
 
 
 class QuantEmbeddingNBits(nn.Module):
-    """Embedding table with symmetric 4- or 8-bit codes per row group (zero point 2^(bits-1))."""
+    """Embedding table with asymmetric 4- or 8-bit codes per row group (packed like the Linear)."""
+
+    onnx_domain = "com.microsoft"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, bits: int, group_size: int) -> None:
         super().__init__()
         self.bits, self.group_size = bits, group_size
+        groups = embedding_dim // group_size
         width = embedding_dim // 2 if bits == 4 else embedding_dim
         self.register_buffer("weight_packed", torch.zeros(num_embeddings, width, dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(num_embeddings, embedding_dim // group_size))
+        self.register_buffer("scales", torch.ones(num_embeddings, groups))
+        zp_width = (groups + 1) // 2 if bits == 4 else groups
+        self.register_buffer("zero_points", torch.zeros(num_embeddings, zp_width, dtype=torch.uint8))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return _GatherBlockQuantized.apply(self.weight_packed, ids, self.scales, self.group_size, self.bits)
-        return _lookup(self.weight_packed, ids, self.scales, self.group_size, self.bits)
+            return _GatherBlockQuantized.apply(self.weight_packed, ids, self.scales, self.zero_points, self.group_size, self.bits)
+        return _lookup(self.weight_packed, ids, self.scales, self.zero_points, self.group_size, self.bits)
 
 
-def _lookup(packed: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor, block: int, bits: int) -> torch.Tensor:
-    rows = packed[ids]
-    codes = unpack_nibbles(rows) if bits == 4 else rows
-    q = codes.float().reshape(*codes.shape[:-1], -1, block) - 2 ** (bits - 1)
+def _lookup(packed, ids, scales, zero_points, block: int, bits: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    rows, zeros = packed[ids], zero_points[ids]
+    if bits == 4:
+        rows, zeros = unpack_nibbles(rows), unpack_nibbles(zeros)[..., : scales.shape[1]]
+    q = rows.float().reshape(*rows.shape[:-1], -1, block) - zeros.float().unsqueeze(-1)
     return (q * scales[ids].unsqueeze(-1)).flatten(-2)
 
 
@@ -152,13 +160,13 @@ class _GatherBlockQuantized(torch.autograd.Function):
     """Row lookup in a block-quantized table, ONNX Runtime's GatherBlockQuantized (traced for export)."""
 
     @staticmethod
-    def forward(ctx, data, ids, scales, block, bits):  # type: ignore[override]
-        return _lookup(data, ids, scales, block, bits)
+    def forward(ctx, data, ids, scales, zero_points, block, bits):  # type: ignore[override]
+        return _lookup(data, ids, scales, zero_points, block, bits)
 
     @staticmethod
-    def symbolic(g, data, ids, scales, block, bits):  # type: ignore[no-untyped-def]
+    def symbolic(g, data, ids, scales, zero_points, block, bits):  # type: ignore[no-untyped-def]
         return g.op(
-            "com.microsoft::GatherBlockQuantized", data, ids, scales,
+            "com.microsoft::GatherBlockQuantized", data, ids, scales, zero_points,
             gather_axis_i=0, quantize_axis_i=1, block_size_i=block, bits_i=bits,
         )
 
@@ -210,14 +218,12 @@ def _quantized(name: str, m: nn.Module, cfg: WeightOnlyConfig, hessians, *, skel
 
 
 def _fill_embedding(q: QuantEmbeddingNBits, w: torch.Tensor, cfg: WeightOnlyConfig) -> None:
-    rows, dim = w.shape
-    groups = w.float().reshape(rows, dim // cfg.group_size, cfg.group_size)
-    half = 2 ** (cfg.bits - 1) - 1
-    scales = torch.clamp(groups.abs().amax(dim=-1) / half, min=1e-8)
-    codes = torch.clamp(torch.round(groups / scales.unsqueeze(-1)) + half + 1, 0, 2**cfg.bits - 1).to(torch.uint8)
-    codes = codes.reshape(rows, dim)
+    codes, scales, zeros = rtn_quantize(w, bits=cfg.bits, group_size=cfg.group_size)
     q.weight_packed.copy_(pack_nibbles(codes) if cfg.bits == 4 else codes)
     q.scales.copy_(scales)
+    if cfg.bits == 4:
+        zeros = pack_nibbles(F.pad(zeros, (0, zeros.shape[1] % 2)))
+    q.zero_points.copy_(zeros)
 
 
 def _hessians(model: nn.Module, linears, cfg: WeightOnlyConfig, ctx: Context) -> dict[str, torch.Tensor]:
