@@ -11,6 +11,7 @@ import yaml
 
 import pared.quant  # noqa: F401 - registers the technique configs recipes may name
 import pared.train  # noqa: F401
+import pared.prune, pared.cluster  # noqa: F401, E401 - unstructured pruning, clustering, entropy coding
 from pared.config import BaseConfig, config_from_dict
 from pared.errors import UsageError
 

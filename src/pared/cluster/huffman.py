@@ -40,6 +40,8 @@ def code_lengths(freqs: Sequence[int], *, limit: int = MAX_CODE_LEN) -> list[int
         lengths[used[0]] = 1
     if len(used) <= 1:
         return lengths
+    if len(used) > 1 << limit:
+        raise ValueError(f"{len(used)} symbols do not fit a code of at most {limit} bits")
     while True:
         depth = _tree_depths({s: f[s] for s in used})
         if max(depth.values()) <= limit:

@@ -127,7 +127,8 @@ class ClusteredConv2d(nn.Module):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise UsageError(f"clustered Conv2d supports zero padding only, got {conv.padding_mode!r}")
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.codebook = nn.Parameter(torch.zeros(clusters))
         self.register_buffer("indices", torch.zeros(conv.weight.shape, dtype=index_dtype(clusters)))
@@ -156,7 +157,9 @@ def index_dtype(clusters: int) -> torch.dtype:
 def shared_weight(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``[0, *codebook][indices]``; its backward sums each weight's gradient into its centroid."""
     table = torch.cat([codebook.new_zeros(1), codebook])
-    return table[indices.long()]
+    # int32, not int64: the ONNX exporter folds this cast into the Gather's index initializer,
+    # which then takes 4 bytes per weight (as much as the dense fp32 weight) instead of 8.
+    return table[indices.int()]
 
 
 def cluster_weight(

@@ -31,7 +31,9 @@ def taylor(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     if grad is None:
         raise UsageError("taylor importance needs the weight's gradient (run a few training batches first)")
     if grad.shape != weight.shape:
-        raise UsageError(f"taylor importance: gradient shape {tuple(grad.shape)} != weight shape {tuple(weight.shape)}")
+        raise UsageError(
+            f"taylor importance: gradient shape {tuple(grad.shape)} != weight shape {tuple(weight.shape)}"
+        )
     return (weight.detach() * grad.detach()).abs()
 
 

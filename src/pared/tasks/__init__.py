@@ -14,10 +14,13 @@ from collections.abc import Callable
 from pared.errors import UsageError
 from pared.tasks.base import Runner, Task
 from pared.tasks.digits import DigitsTask
+from pared.tasks.lenet import Lenet5Task, Lenet300Task
 from pared.tasks.minilm import MiniLMTask
 from pared.tasks.user import UserTask
 
-_BUILTINS: dict[str, Callable[[], Task]] = {"minilm": MiniLMTask, "digits": DigitsTask}
+_BUILTINS: dict[str, Callable[[], Task]] = {
+    "minilm": MiniLMTask, "digits": DigitsTask, "lenet300": Lenet300Task, "lenet5": Lenet5Task,
+}
 BUILTIN_TASKS: tuple[str, ...] = tuple(_BUILTINS)
 
 
@@ -35,4 +38,4 @@ def get_task(name: str) -> Task:
     return factory()
 
 
-__all__ = ["BUILTIN_TASKS", "DigitsTask", "MiniLMTask", "Runner", "Task", "UserTask", "get_task"]
+__all__ = ["BUILTIN_TASKS", "DigitsTask", "Lenet300Task", "Lenet5Task", "MiniLMTask", "Runner", "Task", "UserTask", "get_task"]
