@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 RUNTIME_HELP = "Runtime for the compressed model: auto (OpenVINO, or ONNX Runtime for int4), openvino, onnxruntime or torch."
-MODEL_HELP = "Built-in name (minilm, digits), a package.module:function factory, or a Hugging Face model directory."
+MODEL_HELP = "Built-in name (minilm, digits, lenet300, lenet5), a package.module:function factory, or a Hugging Face model directory."
 
 
 @app.command()
@@ -91,10 +91,10 @@ def recipes() -> None:
 
 def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_pickle: bool) -> tuple[Any, dict[str, Any]]:
     from pared.loading import resolve_model
-    from pared.tasks import get_task
+    from pared.tasks import BUILTIN_TASKS, get_task
     from pared.tasks.fidelity import fidelity_task, hf_encoder_task
 
-    kind, module = resolve_model(spec, weights=weights, trust_pickle=trust_pickle)
+    kind, module = resolve_model(spec, weights=weights, trust_pickle=trust_pickle, builtin_names=BUILTIN_TASKS)
     if kind == "builtin":
         return get_task(spec), {"kind": "builtin", "name": spec}
     if kind == "hf-directory":

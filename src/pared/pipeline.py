@@ -39,6 +39,10 @@ from pared.runtime import RUNTIMES, make_runner
 from pared.tasks import Task
 
 ONNX_FILE = "model.onnx"
+PRDC_FILE = "model.prdc"
+# Techniques whose gain is in storage (zeros, shared values, entropy coding): an ONNX export
+# would store their weights densely again, so "auto" measures them in PyTorch from pared's files.
+STORAGE_TECHNIQUES = {"magnitude_prune", "gradual_prune", "cluster", "entropy_code"}
 
 
 def compress_task(
@@ -87,6 +91,9 @@ def compress_task(
         raise UsageError("threads, batch and latency_rounds must be >= 1")
     if out_dir.exists() and not overwrite:
         raise UsageError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
+    techniques = {config_to_dict(c)["technique"] for c in recipe}
+    if runtime == "auto" and techniques & STORAGE_TECHNIQUES:
+        runtime = "torch"
     torch.set_num_threads(threads)
     step = _Steps(6)
     step("loading the float model")
@@ -98,6 +105,11 @@ def compress_task(
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         step("exporting artefacts")
         save_artefact(compressed, tmp, recipe=recipe, source=source, structure=ctx.structure)
+        if "entropy_code" in techniques:
+            from pared.cluster import save_compressed
+
+            # The entropy_code step already rounded the model to what the file stores.
+            save_compressed(compressed, tmp / PRDC_FILE, half=False)
         runners, onnx_paths = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
         step("evaluating the task metric (fp32 and compressed)")
         metrics = {"baseline": task.evaluate(runners["baseline"]), "compressed": task.evaluate(runners["compressed"])}
@@ -138,7 +150,7 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
         fp32_file = Path(scratch) / "fp32.safetensors"
         save_file({k: v.contiguous() for k, v in fp32.state_dict().items()}, str(fp32_file))
         fp32_bytes = file_bytes(fp32_file)
-    deployed = onnx_paths.get("compressed", tmp / WEIGHTS)
+    deployed = onnx_paths.get("compressed") or next((p for p in (tmp / PRDC_FILE, tmp / WEIGHTS) if p.exists()))
     macs = count_macs(fp32, inputs)
     act_bytes = activation_bytes(fp32, inputs)
     mac_dtype = _mac_dtype(recipe) if runtime != "torch" else "fp32"
@@ -173,7 +185,7 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
     report["recipe"] = {"name": recipe_name, "steps": [config_to_dict(c) for c in recipe]}
     report["artefacts"] = [
         {"path": p.name, "format": _format_of(p), "bytes": p.stat().st_size}
-        for p in sorted(tmp.iterdir()) if p.is_file() and p.suffix in (".onnx", ".safetensors", ".json")
+        for p in sorted(tmp.iterdir()) if p.is_file() and p.suffix in (".onnx", ".safetensors", ".json", ".prdc")
     ]
     report["environment"] = {"torch": torch.__version__, "threads": threads, "python": sys.version.split()[0]}
     return report
@@ -203,7 +215,7 @@ def _quality_gate(task: Task, report: dict[str, Any], max_drop: float | None, al
 
 
 def _format_of(path: Path) -> str:
-    return {".onnx": "onnx-qdq", ".safetensors": "safetensors", ".json": "json"}[path.suffix]
+    return {".onnx": "onnx", ".safetensors": "safetensors", ".json": "json", ".prdc": "prdc"}[path.suffix]
 
 
 def _json(report: dict[str, Any]) -> str:

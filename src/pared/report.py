@@ -70,7 +70,7 @@ def _step_line(step: dict[str, Any]) -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _ratio(a: float, b: float) -> str:
