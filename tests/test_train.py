@@ -89,3 +89,53 @@ def test_finetune_step_needs_a_trainable_task() -> None:
 def test_gradient_accumulation_counts_optimizer_steps() -> None:
     result = train(_linear(), Regression(), FinetuneConfig(epochs=1, batch_size=32, grad_accum=4), progress=False)
     assert result.steps == 2  # 8 micro-batches / 4
+
+
+class Classify:
+    """Two-class toy task whose model() is the fixed teacher (a fresh copy each call)."""
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self.x = torch.randn(256, 8, generator=gen)
+        self.y = (self.x[:, 0] > 0).long()
+        torch.manual_seed(4)
+        self.teacher = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.teacher.weight.zero_()
+            self.teacher.weight[1, 0], self.teacher.weight[0, 0] = 4.0, -4.0
+        self.model_calls = 0
+
+    def model(self) -> nn.Module:
+        import copy
+
+        self.model_calls += 1
+        return copy.deepcopy(self.teacher).eval()
+
+    def train_batches(self, batch_size: int, *, seed: int):
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(seed))
+        return [((self.x[i],), self.y[i]) for i in order.split(batch_size)]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output, target)
+
+
+def test_pure_distillation_pulls_the_student_to_the_teacher() -> None:
+    task = Classify()
+    torch.manual_seed(9)
+    student = nn.Linear(8, 2)
+    before = nn.functional.kl_div(torch.log_softmax(student(task.x), -1), torch.softmax(task.teacher(task.x), -1), reduction="batchmean").item()
+    train(student, task, FinetuneConfig(epochs=30, lr=0.05, batch_size=64, distill=1.0, temperature=1.0), progress=False)
+    after = nn.functional.kl_div(torch.log_softmax(student(task.x), -1), torch.softmax(task.teacher(task.x), -1), reduction="batchmean").item()
+    assert task.model_calls == 1  # the teacher is built once per training run
+    assert after < 0.2 * before
+
+
+def test_distillation_refuses_mismatched_outputs_and_bad_weights() -> None:
+    from pared.train import kd_loss
+
+    with pytest.raises(UsageError, match="does not match teacher"):
+        kd_loss(torch.zeros(4, 3), torch.zeros(4, 2), 2.0)
+    for kwargs in ({"distill": 1.5}, {"distill": -0.1}, {"temperature": 0.0}):
+        with pytest.raises(UsageError):
+            FinetuneConfig(**kwargs)
+    assert kd_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), 2.0).item() == pytest.approx(0.0, abs=1e-6)

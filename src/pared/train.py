@@ -60,6 +60,11 @@ class FinetuneConfig(BaseConfig):
         seed: shuffling seed.
         checkpoint_dir: folder for an atomic, resumable checkpoint, or None.
         checkpoint_every: optimizer steps between checkpoints.
+        distill: weight in [0, 1] of logit knowledge distillation from the task's original fp32
+            model (a fresh ``task.model()``, run in inference mode) mixed with the task loss:
+            ``(1 - distill) * task_loss + distill * T^2 * KL(teacher_T || student_T)``
+            (Hinton et al., 2015). Every recovery step (pruning, clustering, QAT) can use it.
+        temperature: the softmax temperature ``T`` of the distillation term.
     """
 
     epochs: int = 1
@@ -74,6 +79,8 @@ class FinetuneConfig(BaseConfig):
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
+    distill: float = 0.0
+    temperature: float = 2.0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
@@ -83,6 +90,10 @@ class FinetuneConfig(BaseConfig):
             raise UsageError(f"finetune.steps must be >= 0, got {self.steps}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise UsageError(f"finetune.lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise UsageError(f"finetune.distill must be in [0, 1], got {self.distill}")
+        if not self.temperature > 0:
+            raise UsageError(f"finetune.temperature must be > 0, got {self.temperature}")
 
 
 @dataclasses.dataclass
@@ -121,6 +132,8 @@ def train(
     """
     loss_fn = loss_fn or task.loss
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if cfg.distill > 0:
+        loss_fn = _with_distillation(loss_fn, task, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("finetune: the model has no trainable parameters")
@@ -138,6 +151,8 @@ def train(
             break
         inputs = tuple(t.to(device) for t in inputs)
         target = target.to(device) if isinstance(target, torch.Tensor) else target
+        if cfg.distill > 0:
+            target = (target, inputs)  # the distillation loss runs the teacher on the same inputs
         with _autocast(cfg, device):
             loss = loss_fn(model(*inputs), target)
         if not torch.isfinite(loss):
@@ -160,6 +175,29 @@ def train(
     bar.close()
     model.eval()
     return TrainResult(steps=step, final_loss=smoothed, resumed_from=start)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, batch-mean (pure function)."""
+    if student.shape != teacher.shape:
+        raise UsageError(f"distillation: student output {tuple(student.shape)} does not match teacher {tuple(teacher.shape)}")
+    t = temperature
+    log_p_student = torch.log_softmax(student.float() / t, dim=-1)
+    p_teacher = torch.softmax(teacher.float() / t, dim=-1)
+    return torch.nn.functional.kl_div(log_p_student, p_teacher, reduction="batchmean") * t * t
+
+
+def _with_distillation(loss_fn, task, cfg: FinetuneConfig, device: torch.device):  # type: ignore[no-untyped-def]
+    teacher = task.model().to(device).eval()
+
+    def loss(output: torch.Tensor, target_and_inputs: Any) -> torch.Tensor:
+        target, inputs = target_and_inputs
+        with torch.inference_mode():
+            teacher_out = teacher(*inputs)
+        soft = kd_loss(output, teacher_out.clone(), cfg.temperature)
+        return (1 - cfg.distill) * loss_fn(output, target) + cfg.distill * soft
+
+    return loss
 
 
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int) -> Path:
