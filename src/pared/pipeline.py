@@ -215,7 +215,9 @@ def _quality_gate(task: Task, report: dict[str, Any], max_drop: float | None, al
 
 
 def _format_of(path: Path) -> str:
-    return {".onnx": "onnx", ".safetensors": "safetensors", ".json": "json", ".prdc": "prdc"}[path.suffix]
+    if path.suffix == ".onnx":
+        return "onnx-ort-contrib" if uses_contrib_ops(path) else "onnx-qdq"
+    return {".safetensors": "safetensors", ".json": "json", ".prdc": "prdc"}[path.suffix]
 
 
 def _json(report: dict[str, Any]) -> str:
