@@ -105,6 +105,8 @@ def load_artefact(directory: str | os.PathLike[str], *, model: nn.Module | None 
         raise InputRefused(f"checksum mismatch for {weights}: file changed or corrupt")
     if model is None:
         model = _rebuild_source(manifest.get("source"))
+    import pared.recipe  # noqa: F401 - registers every technique a manifest may name
+
     recipe = [config_from_dict(d) for d in manifest["recipe"]]
     structure = manifest.get("structure", {})
     if not isinstance(structure, dict):
