@@ -59,3 +59,24 @@ def checked_batches(data: Iterable[Any], *, limit: int | None = None) -> list[tu
     if not batches:
         raise UsageError("calibration dataset must not be empty")
     return batches
+
+
+def observe_layer_inputs(
+    model: "torch.nn.Module",
+    layers: Iterable[tuple[str, "torch.nn.Module"]],
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    observe: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run ``batches`` through ``model`` and call ``observe(name, input)`` for each layer's input.
+
+    The hooks are removed afterwards even if the model raises, so calibration never leaves a
+    model instrumented.
+    """
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=name: observe(n, args[0])) for name, m in layers]
+    try:
+        with torch.inference_mode():
+            for inputs in batches:
+                model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()

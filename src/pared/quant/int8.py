@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pared.apply import Context, register
-from pared.calib import checked_batches
+from pared.calib import checked_batches, observe_layer_inputs
 from pared.config import BaseConfig, register_config
 from pared.errors import InputRefused, UsageError
 from pared.quant.batchnorm import fold_batchnorms
@@ -208,14 +208,7 @@ def _calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Int8C
         raise UsageError("static int8 needs calibration data (pass calib=..., or use mode='dynamic')")
     batches = checked_batches(ctx.calib, limit=cfg.calibration_batches)
     observers = {name: make_observer(cfg.calibration, name) for name, _ in layers}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: observers[n].update(args[0])) for name, m in layers]
-    try:
-        with torch.inference_mode():
-            for inputs in batches:
-                model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_layer_inputs(model, layers, batches, lambda n, x: observers[n].update(x))
     return {name: obs.range() for name, obs in observers.items() if obs.batches > 0}
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pared.apply import Context, register
-from pared.calib import checked_batches
+from pared.calib import checked_batches, observe_layer_inputs
 from pared.config import BaseConfig, register_config
 from pared.errors import UsageError
 from pared.select import select_modules
@@ -110,12 +110,5 @@ def _channel_absmax(model: nn.Module, layers, cfg: SmoothQuantConfig, ctx: Conte
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
 
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=name: observe(n, a[0])) for name, m in layers]
-    try:
-        with torch.inference_mode():
-            for inputs in batches:
-                model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_layer_inputs(model, layers, batches, observe)
     return absmax

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pared.apply import Context, register
-from pared.calib import checked_batches
+from pared.calib import checked_batches, observe_layer_inputs
 from pared.config import BaseConfig, register_config
 from pared.errors import InputRefused, UsageError
 from pared.quant.gptq import dequantize_groups, gptq_quantize, pack_nibbles, rtn_quantize, unpack_nibbles
@@ -238,14 +238,7 @@ def _hessians(model: nn.Module, linears, cfg: WeightOnlyConfig, ctx: Context) ->
         sums[name] += flat.T @ flat
         counts[name] += flat.shape[0]
 
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=name: observe(n, a[0])) for name, m in linears]
-    try:
-        with torch.inference_mode():
-            for inputs in batches:
-                model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_layer_inputs(model, linears, batches, observe)
     unobserved = [n for n, c in counts.items() if c == 0]
     if unobserved:
         raise UsageError(f"weight_only: layers never reached by calibration data: {unobserved}")
