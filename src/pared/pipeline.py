@@ -11,6 +11,7 @@ import copy
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def compress_task(
     max_drop: float | None = None,
     allow_regression: bool = False,
     source: dict[str, Any] | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Compress ``task``'s model with ``recipe``; write artefacts and reports into ``out_dir``.
 
@@ -76,6 +78,8 @@ def compress_task(
         max_drop: quality gate: largest allowed drop of the primary metric (absolute).
         allow_regression: write the artefact even if the gate fails (marked in the report).
         source: how to rebuild the float model later, recorded in the artefact.
+        on_metrics: called with ``{"baseline": ..., "compressed": ...}`` task metrics before the
+            timing starts; it may raise to stop a hopeless job early (the search prunes trials so).
 
     Returns:
         The report (also written as ``report.json`` and ``report.md``).
@@ -113,6 +117,8 @@ def compress_task(
         runners, onnx_paths = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
         step("evaluating the task metric (fp32 and compressed)")
         metrics = {"baseline": task.evaluate(runners["baseline"]), "compressed": task.evaluate(runners["compressed"])}
+        if on_metrics is not None:
+            on_metrics(metrics)
         step(f"timing {len(runners)} runners interleaved, batch {batch}, {threads} threads")
         samples = interleaved_latency(runners, inputs, rounds=latency_rounds, warmup=3)
         step("measuring size, MACs, memory and energy")
