@@ -9,3 +9,6 @@ __all__ += ["SmoothQuantConfig"]
 from pared.quant.weight_only import QuantEmbeddingNBits, QuantLinearNBits, WeightOnlyConfig  # noqa: E402
 
 __all__ += ["QuantEmbeddingNBits", "QuantLinearNBits", "WeightOnlyConfig"]
+from pared.quant.cle import CrossLayerEqualizationConfig  # noqa: E402
+
+__all__ += ["CrossLayerEqualizationConfig"]

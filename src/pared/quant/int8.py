@@ -23,7 +23,8 @@ from pared.calib import checked_batches, observe_layer_inputs
 from pared.config import BaseConfig, register_config
 from pared.errors import InputRefused, UsageError
 from pared.quant.batchnorm import fold_batchnorms
-from pared.quant.observers import make_observer
+from pared.quant.bias_correction import mean_input_for, output_shift
+from pared.quant.observers import RangeRecord, auto_range, mse_range, outlier_ratio, record_range
 from pared.quant.primitives import choose_qparams, qrange, quantize
 from pared.select import rule_matches, select_modules
 
@@ -37,7 +38,10 @@ class Int8Config(BaseConfig):
         mode: ``static`` (activation ranges from calibration data), ``dynamic`` (activation
             ranges at run time, ONNX DynamicQuantizeLinear + MatMulInteger) or ``weight``
             (int8 weights only; OpenVINO quantizes activations per token group at run time).
-        calibration: range estimator for static activations: ``minmax`` or ``percentile``.
+        calibration: range estimator for static activations: ``minmax``, ``moving_average``,
+            ``percentile``, ``mse``, ``kl`` (see ``pared.quant.observers``) or ``auto``: per layer,
+            the estimator whose range gives the lowest output MSE of that layer on the first
+            calibration batches (the choice per layer is listed in the step summary).
         calibration_batches: at most this many calibration batches are run.
         activation_symmetric: int8 symmetric activations instead of uint8 asymmetric.
         embeddings: also quantize ``nn.Embedding`` tables (per row, weight-only).
@@ -47,10 +51,18 @@ class Int8Config(BaseConfig):
             (for inputs dominated by outliers, such as a transformer FFN's second projection).
         allow_unobserved: keep layers that calibration never reached in float (listed in the
             report) instead of failing.
+        weight_calibration: per-output-channel weight range: ``minmax`` (max |w|) or ``mse``
+            (clipped to minimise the weight's quantization MSE).
+        bias_correction: subtract the mean output shift ``E[(W_q - W) x]`` that weight rounding
+            adds, per channel, measured on the calibration data (static mode).
+        fallback_outliers: keep in float every static layer whose input range is set by outliers
+            (``outlier_ratio`` above ``outlier_threshold``), listed by name in the step summary.
+        outlier_threshold: ``max|x|`` over the 99.9th percentile of ``|x|`` above which a layer's
+            input counts as outlier-dominated.
     """
 
     mode: Literal["static", "dynamic", "weight"] = "static"
-    calibration: Literal["minmax", "percentile"] = "minmax"
+    calibration: Literal["minmax", "moving_average", "percentile", "mse", "kl", "auto"] = "minmax"
     calibration_batches: int = 32
     activation_symmetric: bool = False
     embeddings: bool = True
@@ -58,10 +70,18 @@ class Int8Config(BaseConfig):
     exclude: tuple[str, ...] = ()
     weight_only: tuple[str, ...] = ()
     allow_unobserved: bool = False
+    weight_calibration: Literal["minmax", "mse"] = "minmax"
+    bias_correction: bool = False
+    fallback_outliers: bool = False
+    outlier_threshold: float = 64.0
 
     def validate(self) -> None:
         if self.calibration_batches < 1:
             raise UsageError(f"int8.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if not self.outlier_threshold > 1.0:
+            raise UsageError(f"int8.outlier_threshold must be > 1, got {self.outlier_threshold}")
+        if self.mode != "static" and (self.bias_correction or self.fallback_outliers):
+            raise UsageError("int8.bias_correction and int8.fallback_outliers need mode 'static' (they use calibration data)")
 
 
 class QuantLinear(nn.Module):
@@ -176,20 +196,28 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
     for name, m in chosen:
         if not torch.isfinite(m.weight).all():
             raise InputRefused(f"weight of layer {name!r} contains NaN or inf")
-    act_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    cal = _Calibration()
     unobserved: list[str] = []
     observed = [(n, m) for n, m in chosen if not isinstance(m, nn.Embedding) and _layer_mode(n, m, cfg) == "static"]
-    if cfg.mode == "static" and not ctx.skeleton:
-        act_ranges = _calibrate(model, observed, cfg, ctx)
-        unobserved = [n for n, _ in observed if n not in act_ranges]
-        # (a skeleton rebuild has no ranges: every layer is rebuilt and the state_dict fills it)
+    key = ctx.structure_key("int8")
+    if ctx.skeleton:
+        # Which layers calibration kept in float is data-dependent: the manifest recorded it.
+        kept_float = _recorded_kept_float(ctx.structure.get(key), {n for n, _ in chosen})
+    elif cfg.mode == "static":
+        matmuls = [(n, m) for n, m in chosen if not isinstance(m, nn.Embedding)]
+        cal = _calibrate(model, observed, matmuls if cfg.bias_correction else [], cfg, ctx)
+        unobserved = [n for n, _ in observed if n not in cal.ranges and n not in cal.outliers]
         if unobserved and not cfg.allow_unobserved:
             raise UsageError(f"layers never reached by calibration data: {unobserved} (set allow_unobserved to keep them in float)")
+    if not ctx.skeleton:
+        kept_float = unobserved + list(cal.outliers)
+        if kept_float:
+            ctx.structure[key] = {"kept_float": kept_float}
     counts: dict[str, int] = {}
     for name, m in chosen:
-        if name in unobserved:
+        if name in kept_float:
             continue
-        model.set_submodule(name, _quantized(name, m, cfg, act_ranges.get(name)))
+        model.set_submodule(name, _quantized(name, m, cfg, cal.ranges.get(name), cal.mean_inputs.get(name)))
         counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
     left = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d, nn.Embedding)]
     ctx.summary.append({
@@ -199,17 +227,97 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
         "kept_float": left,
         "unobserved": unobserved,
         "folded_batchnorm": folded,
+        "calibration": cfg.calibration,
+        **({"calibration_choice": cal.choices} if cfg.calibration == "auto" else {}),
+        **({"outlier_fallback": cal.outliers} if cfg.fallback_outliers else {}),
+        **({"bias_corrected": sorted(cal.mean_inputs)} if cfg.bias_correction else {}),
     })
     return model
 
 
-def _calibrate(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: Int8Config, ctx: Context):
+# Whole calibration inputs kept per layer for ``auto``'s output-error comparison.
+_AUTO_BATCHES = 2
+
+
+@dataclasses.dataclass
+class _Calibration:
+    """What the calibration pass found: activation ranges, auto's choice per layer, layers kept in
+    float for outliers (with their ratio), and mean inputs for bias correction."""
+
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    choices: dict[str, str] = dataclasses.field(default_factory=dict)
+    outliers: dict[str, float] = dataclasses.field(default_factory=dict)
+    mean_inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def _calibrate(
+    model: nn.Module,
+    observed: list[tuple[str, nn.Module]],
+    corrected: list[tuple[str, nn.Module]],
+    cfg: Int8Config,
+    ctx: Context,
+) -> _Calibration:
+    """One pass over the calibration data: input ranges of ``observed`` layers and mean inputs of
+    ``corrected`` layers (bias correction)."""
     if ctx.calib is None:
         raise UsageError("static int8 needs calibration data (pass calib=..., or use mode='dynamic')")
     batches = checked_batches(ctx.calib, limit=cfg.calibration_batches)
-    observers = {name: make_observer(cfg.calibration, name) for name, _ in layers}
-    observe_layer_inputs(model, layers, batches, lambda n, x: observers[n].update(x))
-    return {name: obs.range() for name, obs in observers.items() if obs.batches > 0}
+    keep = _AUTO_BATCHES if cfg.calibration == "auto" else 0
+    records = {name: RangeRecord(name, keep_inputs=keep) for name, _ in observed}
+    means = {name: mean_input_for(m) for name, m in corrected}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if name in records:
+            records[name].update(x)
+        if name in means:
+            means[name].update(x)
+
+    layers = dict(observed) | dict(corrected)
+    observe_layer_inputs(model, list(layers.items()), batches, observe)
+    cal = _Calibration(mean_inputs={n: acc.mean() for n, acc in means.items() if acc.count})
+    signed = cfg.activation_symmetric
+    for name, rec in records.items():
+        if not rec.batches:
+            continue
+        if cfg.fallback_outliers and (ratio := outlier_ratio(rec)) > cfg.outlier_threshold:
+            cal.outliers[name] = round(ratio, 1)
+        elif cfg.calibration == "auto":
+            error = _output_error(layers[name], rec.inputs, cfg)
+            cal.choices[name], cal.ranges[name], _ = auto_range(rec, error, symmetric=signed, signed=signed)
+        else:
+            cal.ranges[name] = record_range(rec, cfg.calibration, symmetric=signed, signed=signed)
+        rec.inputs.clear()  # whole inputs can be large: free them layer by layer
+    return cal
+
+
+def _output_error(layer: nn.Module, inputs: list[torch.Tensor], cfg: Int8Config):
+    """``(lo, hi) -> MSE`` between the float layer's output and the int8 layer's output (int8
+    weights, input fake-quantized to ``[lo, hi]``) on ``inputs``."""
+    signed = cfg.activation_symmetric
+    scale, zp = weight_qparams(layer.weight.detach(), cfg.weight_calibration)
+    w_q = _weight(quantize(layer.weight.detach(), scale, zp, -127, 127, axis=0), scale, axis=0)
+    with torch.no_grad():
+        refs = [layer(x) for x in inputs]
+
+    def error(lo: torch.Tensor, hi: torch.Tensor) -> float:
+        a_scale, a_zp = choose_qparams(lo, hi, symmetric=signed, signed=signed)
+        total = 0.0
+        with torch.no_grad():
+            for x, ref in zip(inputs, refs):
+                xq = _fake_quant_activation(x, a_scale, a_zp, signed)
+                total += float(((torch.func.functional_call(layer, {"weight": w_q}, (xq,)) - ref) ** 2).mean())
+        return total / len(inputs)
+
+    return error
+
+
+def _recorded_kept_float(entry: object, names: set[str]) -> list[str]:
+    if entry is None:
+        return []
+    kept = entry.get("kept_float") if isinstance(entry, dict) else None
+    if not isinstance(kept, list) or not all(isinstance(n, str) and n in names for n in kept):
+        raise InputRefused("artefact structure has no valid 'kept_float' list of int8 layers for this model")
+    return kept
 
 
 def _layer_mode(name: str, m: nn.Module, cfg: Int8Config) -> str:
@@ -218,20 +326,26 @@ def _layer_mode(name: str, m: nn.Module, cfg: Int8Config) -> str:
     return cfg.mode
 
 
-def _quantized(name: str, m: nn.Module, cfg: Int8Config, act_range) -> nn.Module:
+def _quantized(name: str, m: nn.Module, cfg: Int8Config, act_range, mean_input: torch.Tensor | None = None) -> nn.Module:
     mode = _layer_mode(name, m, cfg)
     if isinstance(m, nn.Embedding):
         q = QuantEmbedding(m.num_embeddings, m.embedding_dim)
-        _set_weight(q, m.weight.detach(), axis=0)
+        _set_weight(q, m.weight.detach(), axis=0, method=cfg.weight_calibration)
         return q
+    if cfg.bias_correction and m.bias is None:
+        # The correction lives in the bias; skeleton rebuilds add the same (then loaded) bias.
+        m.bias = nn.Parameter(torch.zeros(m.weight.shape[0]))
     signed = cfg.activation_symmetric
     if isinstance(m, nn.Conv2d):
         q = QuantConv2d(m, act_signed=signed)
     else:
         q = QuantLinear(m.in_features, m.out_features, bias=m.bias is not None, mode=mode, act_signed=signed)
-    _set_weight(q, m.weight.detach(), axis=0)
+    _set_weight(q, m.weight.detach(), axis=0, method=cfg.weight_calibration)
     if m.bias is not None:
         q.bias.copy_(m.bias.detach())
+    if mean_input is not None:
+        weight_error = _weight(q.weight_q, q.weight_scale, axis=0) - m.weight.detach()
+        q.bias.sub_(output_shift(m, weight_error, mean_input))
     if act_range is not None:
         scale, zp = choose_qparams(act_range[0], act_range[1], symmetric=signed, signed=signed)
         q.act_scale.copy_(scale)
@@ -244,9 +358,18 @@ def _quantized(name: str, m: nn.Module, cfg: Int8Config, act_range) -> nn.Module
     return q
 
 
-def _set_weight(q: nn.Module, w: torch.Tensor, *, axis: int) -> None:
-    dims = [d for d in range(w.dim()) if d != axis]
-    bound = w.abs().amax(dim=dims) if dims else w.abs()
-    scale, zp = choose_qparams(-bound, bound, symmetric=True, signed=True)
+def weight_qparams(w: torch.Tensor, method: str = "minmax", *, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 scale and zero point per slice along ``axis`` (``minmax`` or ``mse`` range)."""
+    if method == "mse":
+        lo, hi = mse_range(w, symmetric=True, signed=True, axis=axis)
+        bound = torch.maximum(-lo, hi)
+    else:
+        dims = [d for d in range(w.dim()) if d != axis]
+        bound = w.abs().amax(dim=dims) if dims else w.abs()
+    return choose_qparams(-bound, bound, symmetric=True, signed=True)
+
+
+def _set_weight(q: nn.Module, w: torch.Tensor, *, axis: int, method: str = "minmax") -> None:
+    scale, zp = weight_qparams(w, method, axis=axis)
     q.weight_q.copy_(quantize(w, scale, zp, -127, 127, axis=axis))
     q.weight_scale.copy_(scale)
