@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import pared
 from pared.apply import Context, compress_
-from pared.atomic import atomic_write_text
+from pared.atomic import atomic_write_bytes, atomic_write_text
 from pared.config import BaseConfig, config_from_dict, config_to_dict
 from pared.errors import InputRefused, UsageError
 from pared.loading import load_into, load_state_dict_file
@@ -70,7 +70,9 @@ def save_artefact(
     directory = Path(directory)
     weights = directory / WEIGHTS
     tensors, sparse = sparse_encode(_unique_contiguous(model.state_dict()))
-    save_file(tensors, str(weights))
+    # Serialised in memory and written by atomic_write_bytes: safetensors' own writer reports a
+    # full disk as a SafetensorError, which would surface as an internal error, not exit 5.
+    atomic_write_bytes(weights, safetensors_bytes(tensors))
     manifest = {
         "format": "pared-artefact",
         "format_version": FORMAT_VERSION,

@@ -17,6 +17,7 @@ from pathlib import Path
 from pared.errors import EnvironmentIOError, UsageError
 
 TMP_PREFIX = ".pared-tmp-"
+_BACKUP, _TARGET = "previous", "target"  # inside an overwrite's holder folder
 
 
 def _tmp_prefix() -> str:
@@ -73,10 +74,15 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
+            if not overwrite:  # another job created it while this one worked
+                raise EnvironmentIOError(f"cannot write {path}: another process wrote it at the same time")
             _swap_in(tmp, path, parent)
         else:
             os.replace(tmp, path)
         _fsync_dir(parent)
+    except EnvironmentIOError as exc:  # a write inside the block failed: name the final path
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EnvironmentIOError(str(exc).replace(str(tmp), str(path))) from None
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _io_error(exc, path) from None
@@ -97,7 +103,23 @@ def clean_orphans(directory: str | os.PathLike[str]) -> None:
         if _writer_alive(entry.name):
             continue
         with contextlib.suppress(OSError):
+            _restore_previous(entry, directory)
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _restore_previous(holder: Path, directory: Path) -> None:
+    """Put back the previous version an overwrite had moved aside when its writer died before
+    renaming the new version in: the final path is then absent, and deleting the orphan would
+    lose the only complete copy."""
+    backup, target = holder / _BACKUP, holder / _TARGET
+    if not (backup.exists() and target.is_file()):
+        return
+    name = target.read_text(encoding="utf-8")
+    if name in ("", ".", "..") or Path(name).name != name:
+        return
+    if not os.path.lexists(directory / name):
+        os.replace(backup, directory / name)
+        _fsync_dir(directory)
 
 
 def _writer_alive(name: str) -> bool:
@@ -118,7 +140,11 @@ def _writer_alive(name: str) -> bool:
 
 def _swap_in(tmp: Path, path: Path, parent: Path) -> None:
     """Replace the existing ``path`` by ``tmp``; on failure put the previous version back."""
-    backup = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent)) / "previous"
+    holder = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent))
+    # Record the final name first: if this process is killed between the two renames,
+    # clean_orphans finds the previous version here and moves it back.
+    (holder / _TARGET).write_text(path.name, encoding="utf-8")
+    backup = holder / _BACKUP
     os.replace(path, backup)
     try:
         os.replace(tmp, path)
@@ -154,4 +180,6 @@ def _io_error(exc: OSError, path: Path) -> EnvironmentIOError:
         return EnvironmentIOError(f"no space left writing {path}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return EnvironmentIOError(f"permission denied writing {path}")
+    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        return EnvironmentIOError(f"cannot write {path}: another process wrote it at the same time")
     return EnvironmentIOError(f"cannot write {path}: {exc.strerror or exc}")
