@@ -12,6 +12,7 @@ import yaml
 import pared.quant  # noqa: F401 - registers the technique configs recipes may name
 import pared.train  # noqa: F401
 import pared.prune, pared.cluster  # noqa: F401, E401 - unstructured pruning, clustering, entropy coding
+import pared.lowrank, pared.activation_swap, pared.early_exit  # noqa: F401, E401 - SVD, activations, exits
 from pared.config import BaseConfig, config_from_dict
 from pared.errors import UsageError
 
@@ -58,4 +59,9 @@ def _recipe_text(spec: str) -> tuple[str, str]:
         raise UsageError(f"recipe not found: {spec!r} is neither a built-in recipe ({known}) nor a file")
     if path.stat().st_size > _MAX_RECIPE_BYTES:
         raise UsageError(f"recipe file too large: {path}")
-    return path.read_text(encoding="utf-8"), str(path)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"recipe {path} is not UTF-8 text (byte {exc.start})") from None
+    except PermissionError:
+        raise UsageError(f"cannot read recipe {path}: permission denied") from None
