@@ -12,3 +12,7 @@ __all__ += ["QuantEmbeddingNBits", "QuantLinearNBits", "WeightOnlyConfig"]
 from pared.quant.cle import CrossLayerEqualizationConfig  # noqa: E402
 
 __all__ += ["CrossLayerEqualizationConfig"]
+from pared.quant.qat import QATConfig  # noqa: E402
+from pared.quant.mixed import MixedPrecisionConfig  # noqa: E402
+
+__all__ += ["MixedPrecisionConfig", "QATConfig"]
