@@ -13,6 +13,7 @@ import pared.quant  # noqa: F401 - registers the technique configs recipes may n
 import pared.train  # noqa: F401
 import pared.prune, pared.cluster  # noqa: F401, E401 - unstructured pruning, clustering, entropy coding
 import pared.lowrank, pared.activation_swap, pared.early_exit  # noqa: F401, E401 - SVD, activations, exits
+import pared.student, pared.distill  # noqa: F401, E401 - layer dropping, distillation
 from pared.config import BaseConfig, config_from_dict
 from pared.errors import UsageError
 

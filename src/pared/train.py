@@ -3,13 +3,20 @@
 Plain PyTorch: an optimizer, an optional cosine schedule, gradient accumulation, autocast,
 atomic resumable checkpoints and a progress bar. Techniques hook in with ``after_step``
 callbacks (re-apply a pruning mask, snap weights to a codebook) instead of subclassing.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the loop trains data-parallel: the model is wrapped in
+``DistributedDataParallel`` (gloo on CPU, nccl on CUDA), every rank takes its slice of each
+global batch of ``world_size * batch_size`` samples, and only rank 0 writes checkpoints and shows
+progress. N processes at ``batch_size`` therefore take the same steps as one at N times it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -65,6 +72,9 @@ class FinetuneConfig(BaseConfig):
             ``(1 - distill) * task_loss + distill * T^2 * KL(teacher_T || student_T)``
             (Hinton et al., 2015). Every recovery step (pruning, clustering, QAT) can use it.
         temperature: the softmax temperature ``T`` of the distillation term.
+        train_mode: False trains with the model in eval mode: no dropout, frozen batch-norm
+            statistics. Recovering or distilling a pretrained transformer does better without
+            dropout noise (MiniLM pruning recovery: mean cosine 0.962 without, 0.955-0.957 with).
     """
 
     epochs: int = 1
@@ -81,6 +91,7 @@ class FinetuneConfig(BaseConfig):
     checkpoint_every: int = 100
     distill: float = 0.0
     temperature: float = 2.0
+    train_mode: bool = True
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
@@ -137,44 +148,109 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("finetune: the model has no trainable parameters")
-    opt = _optimizer(cfg, params)
-    total = cfg.steps or cfg.epochs * _steps_per_epoch(task, cfg)
-    sched = _schedule(cfg, opt, total)
-    start = _resume(cfg, model, opt, sched)
-    model.train()
-    smoothed = float("nan")
-    bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress, leave=False)
-    micro = 0
-    step = start
-    for inputs, target in _batches(task, cfg, skip=start * cfg.grad_accum):
-        if step >= total:
-            break
-        inputs = tuple(t.to(device) for t in inputs)
-        target = target.to(device) if isinstance(target, torch.Tensor) else target
-        if cfg.distill > 0:
-            target = (target, inputs)  # the distillation loss runs the teacher on the same inputs
-        with _autocast(cfg, device):
-            loss = loss_fn(model(*inputs), target)
-        if not torch.isfinite(loss):
-            raise InputRefused(f"finetune: loss is {loss.item()} at step {step}; lower the learning rate")
-        (loss / cfg.grad_accum).backward()
-        micro += 1
-        if micro % cfg.grad_accum:
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        step += 1
-        for hook in after_step:
-            hook(step, model)
-        smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{smoothed:.4f}")
-        if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0:
-            save_checkpoint(Path(cfg.checkpoint_dir), model, opt, sched, step)
-    bar.close()
+    with _data_parallel(model, device) as (net, rank, world):
+        opt = _optimizer(cfg, params)
+        total = cfg.steps or cfg.epochs * _steps_per_epoch(task, cfg, world)
+        sched = _schedule(cfg, opt, total)
+        start = _resume(cfg, model, opt, sched)
+        net.train(cfg.train_mode)
+        smoothed = float("nan")
+        bar = tqdm(total=total, initial=start, desc="finetune", disable=not progress or rank > 0, leave=False)
+        micro = 0
+        step = start
+        for inputs, target in _batches(task, cfg, skip=start * cfg.grad_accum, rank=rank, world=world):
+            if step >= total:
+                break
+            inputs = tuple(t.to(device) for t in inputs)
+            target = _to(target, device)
+            if cfg.distill > 0:
+                target = (target, inputs)  # the distillation loss runs the teacher on the same inputs
+            last_micro = (micro + 1) % cfg.grad_accum == 0
+            # DDP averages gradients on the backward of the last micro-batch of each step only.
+            sync = contextlib.nullcontext() if last_micro or world == 1 else net.no_sync()
+            with sync:
+                with _autocast(cfg, device):
+                    loss = loss_fn(net(*inputs), target)
+                if not torch.isfinite(loss):
+                    raise InputRefused(f"finetune: loss is {loss.item()} at step {step}; lower the learning rate")
+                (loss / cfg.grad_accum).backward()
+            micro += 1
+            if not last_micro:
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            for hook in after_step:
+                hook(step, model)
+            smoothed = loss.item() if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+            if cfg.checkpoint_dir and step % cfg.checkpoint_every == 0 and rank == 0:
+                save_checkpoint(Path(cfg.checkpoint_dir), model, opt, sched, step)
+        bar.close()
     model.eval()
     return TrainResult(steps=step, final_loss=smoothed, resumed_from=start)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun's environment; ``(0, 1)`` outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def _data_parallel(model: nn.Module, device: torch.device) -> Iterator[tuple[nn.Module, int, int]]:
+    """Yield ``(module to call, rank, world size)``: the model itself, or its DDP wrapper when
+    launched by torchrun. A process group this function started is also ended by it."""
+    rank, size = world()
+    if size == 1:
+        yield model, 0, 1
+        return
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size)
+    try:
+        ids = [device.index] if device.type == "cuda" and device.index is not None else None
+        # DDP broadcasts rank 0's weights at wrap time, so every rank starts identical.
+        yield DistributedDataParallel(model, device_ids=ids), rank, size
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _to(target: Any, device: torch.device) -> Any:
+    if isinstance(target, torch.Tensor):
+        return target.to(device)
+    if isinstance(target, (tuple, list)):
+        return type(target)(_to(t, device) for t in target)
+    return target
+
+
+def _shard(value: Any, rank: int, world: int) -> Any:
+    """This rank's contiguous slice (along dim 0) of every tensor in a batch."""
+    if isinstance(value, torch.Tensor):
+        return value.tensor_split(world)[rank]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_shard(v, rank, world) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def on_accelerator(model: nn.Module) -> Iterator[torch.device]:
+    """Move ``model`` to CUDA (this rank's device under torchrun) when present, and back after."""
+    before = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if not torch.cuda.is_available() or before.type == "cuda":
+        yield before
+        return
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(before)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -243,23 +319,23 @@ def _schedule(cfg: FinetuneConfig, opt: torch.optim.Optimizer, total: int) -> An
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
 
 
-def _steps_per_epoch(task: TrainableTask, cfg: FinetuneConfig) -> int:
-    n = sum(1 for _ in task.train_batches(cfg.batch_size, seed=cfg.seed))
+def _steps_per_epoch(task: TrainableTask, cfg: FinetuneConfig, world: int = 1) -> int:
+    n = sum(1 for _ in task.train_batches(cfg.batch_size * world, seed=cfg.seed))
     if n == 0:
         raise UsageError("finetune: the task yields no training batches")
     return max(n // cfg.grad_accum, 1)
 
 
-def _batches(task: TrainableTask, cfg: FinetuneConfig, *, skip: int) -> Iterator[Batch]:
+def _batches(task: TrainableTask, cfg: FinetuneConfig, *, skip: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
     epoch = 0
     seen = 0
     while True:
         empty = True
-        for batch in task.train_batches(cfg.batch_size, seed=cfg.seed + epoch):
+        for batch in task.train_batches(cfg.batch_size * world, seed=cfg.seed + epoch):
             empty = False
             seen += 1
             if seen > skip:
-                yield batch
+                yield _shard(batch, rank, world) if world > 1 else batch
         if empty:
             raise UsageError("finetune: the task yields no training batches")
         epoch += 1
@@ -272,13 +348,20 @@ def _autocast(cfg: FinetuneConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
+def trainable_task(ctx: Context, technique: str) -> TrainableTask:
+    """``ctx.task`` when it can train; otherwise a UsageError naming ``technique`` and the task."""
+    if not isinstance(ctx.task, TrainableTask):
+        name = getattr(ctx.task, "name", "this task")
+        raise UsageError(f"{technique}: {name} provides no training data (a TrainableTask is needed)")
+    return ctx.task
+
+
 @register(FinetuneConfig)
 def _apply_finetune(model: nn.Module, cfg: FinetuneConfig, ctx: Context) -> nn.Module:
     if ctx.skeleton:
         return model
-    if not isinstance(ctx.task, TrainableTask):
-        name = getattr(ctx.task, "name", "this task")
-        raise UsageError(f"finetune: {name} provides no training data (a TrainableTask is needed)")
-    result = train(model, ctx.task, cfg)
+    task = trainable_task(ctx, "finetune")
+    with on_accelerator(model):
+        result = train(model, task, cfg)
     ctx.summary.append({"technique": "finetune", "steps": result.steps, "final_loss": result.final_loss})
     return model

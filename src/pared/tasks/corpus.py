@@ -8,7 +8,9 @@ with the same Python minor version; docstrings change between minor versions, so
 carries the version.
 
 The first ``N_EVAL`` sentences (in a fixed hash order) are the evaluation set, the next ``N_CALIB``
-the calibration set.
+the calibration set. ``train_sentences()`` (for distillation and recovery fine-tuning) is the rest,
+plus sentences from ``TRAIN_MODULES`` and the language reference text in ``pydoc_data.topics``;
+it never contains an evaluation or calibration sentence.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pared.tasks.base import cache_dir
 N_EVAL = 512
 N_CALIB = 128
 CORPUS_VERSION = 1  # bump when the extraction rules change, so stale caches are not reused
+TRAIN_VERSION = 1  # the same for the training split alone
 
 # Pure-Python modules present in every CPython build and free of import side effects
 # (no "this" or "antigravity"); optional C-backed ones such as sqlite3 or tkinter are left out
@@ -50,6 +53,35 @@ MODULES: tuple[str, ...] = tuple(
             "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback",
             "typing", "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid",
             "warnings", "wave", "weakref", "xml.dom.minidom", "zipfile",
+        ]
+    )
+)  # fmt: skip
+
+# Sources used only for the training split. They are kept out of MODULES so that adding them left
+# the evaluation and calibration sentences (and every figure measured on them) unchanged.
+# Deprecated modules (cgi, mailcap, ...) and ones that need tkinter or a C extension stay out.
+TRAIN_MODULES: tuple[str, ...] = tuple(
+    sorted(
+        [
+            "asyncio.base_events", "asyncio.futures", "asyncio.locks", "asyncio.protocols",
+            "asyncio.queues", "asyncio.subprocess", "asyncio.transports", "bz2", "code", "codeop",
+            "collections.abc", "colorsys", "compileall", "concurrent.futures.process",
+            "concurrent.futures.thread", "contextvars", "copyreg", "email.charset",
+            "email.feedparser", "email.generator", "email.header", "email.headerregistry",
+            "email.policy", "filecmp", "fileinput", "fnmatch", "graphlib", "hashlib", "html",
+            "http.cookies", "importlib.abc", "importlib.metadata", "importlib.resources",
+            "importlib.util", "io", "itertools", "json.decoder", "json.encoder", "keyword",
+            "linecache", "locale", "logging.config", "lzma", "modulefinder",
+            "multiprocessing.connection", "multiprocessing.managers", "multiprocessing.process",
+            "multiprocessing.queues", "multiprocessing.shared_memory",
+            "multiprocessing.synchronize", "netrc", "pkgutil", "plistlib", "py_compile",
+            "pyclbr", "pydoc", "quopri", "rlcompleter", "runpy", "signal", "site", "stat",
+            "stringprep", "struct", "symtable", "sysconfig", "tabnanny", "tomllib", "types",
+            "unittest.loader", "unittest.result", "unittest.runner", "unittest.suite",
+            "urllib.error", "urllib.robotparser", "wsgiref.handlers", "wsgiref.simple_server",
+            "wsgiref.util", "wsgiref.validate", "xml.dom.pulldom", "xml.etree.ElementTree",
+            "xml.sax.handler", "xml.sax.saxutils", "xml.sax.xmlreader", "xmlrpc.client",
+            "xmlrpc.server", "zipapp", "zipimport", "zoneinfo",
         ]
     )
 )  # fmt: skip
@@ -80,6 +112,37 @@ def calib_sentences() -> list[str]:
     return calib
 
 
+def train_sentences() -> list[str]:
+    """Training sentences: disjoint from ``eval_sentences()`` and ``calib_sentences()``.
+
+    Returns:
+        About 2,500 sentences on CPython 3.11, in a fixed order.
+    """
+    held_out = set(sentences()[: N_EVAL + N_CALIB])
+    train = list(_cached_sentences(str(_cache_file("train"))))
+    assert not held_out & set(train), "training sentences overlap the evaluation or calibration set"
+    return train
+
+
+def build_train_sentences() -> list[str]:
+    """The training split from scratch: the corpus after its held-out sentences, then the new
+    sentences of ``TRAIN_MODULES`` and ``pydoc_data.topics`` in hash order (no cache involved)."""
+    base = sentences()
+    held_out = set(base[: N_EVAL + N_CALIB])
+    found: set[str] = set()
+    for doc in _train_only_texts():
+        found.update(s for s in _split_sentences(doc) if is_prose(s))
+    extra = sorted(found - set(base), key=lambda s: hashlib.sha1(s.encode("utf-8")).hexdigest())
+    return [s for s in base[N_EVAL + N_CALIB :] + extra if s not in held_out]
+
+
+def _train_only_texts() -> list[str]:
+    from pydoc_data.topics import topics  # the language reference's prose, shipped with CPython
+
+    docs = [doc for name in TRAIN_MODULES for doc in _docstrings(importlib.import_module(name))]
+    return docs + [topics[key] for key in sorted(topics)]
+
+
 def build_sentences() -> list[str]:
     """Extract, filter, deduplicate and order the corpus from docstrings (no cache involved)."""
     found: set[str] = set()
@@ -104,19 +167,20 @@ def is_prose(sentence: str) -> bool:
     return letters / sum(not c.isspace() for c in sentence) >= 0.85
 
 
-def _cache_file() -> Path:
+def _cache_file(split: str = "") -> Path:
     minor = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return cache_dir() / f"corpus_v{CORPUS_VERSION}_py{minor}.json"
+    name = f"corpus_{split}_v{TRAIN_VERSION}" if split else f"corpus_v{CORPUS_VERSION}"
+    return cache_dir() / f"{name}_py{minor}.json"
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)
 def _cached_sentences(path_str: str) -> tuple[str, ...]:
     # Keyed by path so a changed PARED_CACHE_DIR (tests) builds into its own file.
     path = Path(path_str)
     loaded = _load(path)
     if loaded is not None:
         return tuple(loaded)
-    built = build_sentences()
+    built = build_train_sentences() if path.name.startswith("corpus_train") else build_sentences()
     atomic_write_text(path, json.dumps(built, ensure_ascii=False, indent=0))
     return tuple(built)
 

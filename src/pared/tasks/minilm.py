@@ -2,6 +2,9 @@
 
 Quality is agreement with the uncompressed model: per-sentence cosine between the candidate's and
 the reference's embeddings, and how much of each sentence's 10 nearest neighbours survive.
+The task is also a ``TrainableTask``: its training batches are unlabeled sentences from
+``corpus.train_sentences()`` and its loss is embedding distillation from the fp32 model, so a
+``finetune`` or ``distill`` recipe step recovers or distils a compressed encoder.
 transformers and the weights package are optional; they are imported only when the task is used.
 """
 
@@ -24,6 +27,7 @@ SEQ_LEN = 128
 EMBED_DIM = 384
 EVAL_BATCH = 32
 CALIB_BATCH = 8
+TEACHER_BATCH = 64
 TOP_K = 10
 _EXTRA_HINT = "the minilm task needs the optional extra: pip install 'pared[minilm]'"
 
@@ -73,6 +77,7 @@ class MiniLMTask:
         self._eval_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference: torch.Tensor | None = None
         self._counts: list[int] | None = None
+        self._train_targets: torch.Tensor | None = None
 
     def model(self) -> nn.Module:
         """A fresh fp32 ``SentenceEncoder`` in eval mode, loaded from the local weights package."""
@@ -116,6 +121,43 @@ class MiniLMTask:
         """The 128 calibration sentences as 16 batches of 8, padded to 128 tokens."""
         ids, mask = self.tokenize(corpus.calib_sentences())
         return CalibData(chunks((ids, mask), CALIB_BATCH))
+
+    def train_batches(
+        self, batch_size: int, *, seed: int
+    ) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """One shuffled epoch of ``((input_ids, attention_mask), teacher_embedding)`` batches.
+
+        Sentences come from ``corpus.train_sentences()`` (disjoint from evaluation and
+        calibration) and are padded to the longest in their batch, not to 128: training sentences
+        average about 20 word pieces, so full padding would make each step several times slower.
+        The targets are the fp32 model's (B, 384) embeddings, computed once per task instance.
+        """
+        sentences = corpus.train_sentences()
+        targets = self._teacher_embeddings(sentences)
+        order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))
+        out = []
+        for chunk in order.split(batch_size):
+            idx = chunk.tolist()
+            out.append((self._tokenize_longest([sentences[i] for i in idx]), targets[chunk]))
+        return out
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Embedding distillation: mean ``1 - cosine`` between student and teacher embeddings."""
+        from pared.distill import embedding_loss  # pared.distill imports the training loop
+
+        return embedding_loss(output, target)
+
+    def _tokenize_longest(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer()(texts, padding=True, truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def _teacher_embeddings(self, sentences: list[str]) -> torch.Tensor:
+        if self._train_targets is None or len(self._train_targets) != len(sentences):
+            teacher = self.model()
+            batches = [self._tokenize_longest(sentences[i : i + TEACHER_BATCH])
+                       for i in range(0, len(sentences), TEACHER_BATCH)]
+            self._train_targets = run_batches(teacher, batches)
+        return self._train_targets
 
     def evaluate(self, run: Runner) -> dict[str, float]:
         """Agreement of ``run``'s embeddings with the fp32 reference on the evaluation sentences.
