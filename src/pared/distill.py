@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -33,7 +34,7 @@ from pared.apply import Context, register
 from pared.config import register_config
 from pared.errors import UsageError
 from pared.student import layer_stack
-from pared.train import FinetuneConfig, TrainableTask, kd_loss, on_accelerator, train, trainable_task
+from pared.train import FinetuneConfig, StepHook, TrainableTask, kd_loss, on_accelerator, train, trainable_task
 
 __all__ = [
     "DistillConfig",
@@ -388,8 +389,10 @@ def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def distill(student: nn.Module, teacher: nn.Module, task: TrainableTask, cfg: DistillConfig, *,
-            progress: bool = True) -> dict[str, Any]:
+            after_step: Sequence[StepHook] = (), progress: bool = True) -> dict[str, Any]:
     """Train ``student`` in place against ``teacher`` on ``task`` (the ``distill`` step's work).
+
+    ``after_step`` hooks are called as ``hook(step, student)``.
 
     Returns:
         Summary facts: steps, final loss, matched pairs, teacher cache size.
@@ -416,7 +419,9 @@ def distill(student: nn.Module, teacher: nn.Module, task: TrainableTask, cfg: Di
             return total + wrapper.distill_loss(cfg)
 
         # The wrapper's forward already gives the teacher's logits; the loop must not add its own.
-        result = train(wrapper, task, dataclasses.replace(cfg, distill=0.0), loss_fn=loss, progress=progress)
+        hooks = [lambda step, _wrapper, hook=hook: hook(step, student) for hook in after_step]
+        result = train(wrapper, task, dataclasses.replace(cfg, distill=0.0), loss_fn=loss, after_step=hooks,
+                       progress=progress)
     finally:
         wrapper.remove_hooks()
     return {"technique": "distill", "steps": result.steps, "final_loss": result.final_loss,
