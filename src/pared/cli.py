@@ -89,6 +89,17 @@ def recipes() -> None:
         typer.echo(f"{name:>14}: {steps}")
 
 
+@app.command()
+def report(
+    directory: Path = typer.Argument(..., help="Output folder of pared compress or pared search."),
+) -> None:
+    """Render DIR (a compress or search output) to a self-contained report.html, plus report.md and report.json."""
+    from pared.html_report import write_report
+
+    written = write_report(directory)
+    typer.echo(f"wrote {written['html']} ({written['kind']} report), {written['markdown'].name} and {written['json'].name}")
+
+
 def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_pickle: bool) -> tuple[Any, dict[str, Any]]:
     from pared.loading import resolve_model
     from pared.tasks import BUILTIN_TASKS, get_task

@@ -38,6 +38,7 @@ from pared.onnx_export import export_onnx, uses_contrib_ops
 from pared.report import render_markdown
 from pared.runtime import RUNTIMES, make_runner
 from pared.tasks import Task
+from pared.weight_stats import layer_weight_stats
 
 ONNX_FILE = "model.onnx"
 PRDC_FILE = "model.prdc"
@@ -194,6 +195,7 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
         for p in sorted(tmp.iterdir()) if p.is_file() and p.suffix in (".onnx", ".safetensors", ".json", ".prdc")
     ]
     report["environment"] = {"torch": torch.__version__, "threads": threads, "python": sys.version.split()[0]}
+    report["weights"] = layer_weight_stats(fp32, compressed)
     return report
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """A before/after table plus how each figure was measured."""
+def before_after_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(quantity, fp32, compressed, change) rows of the before/after table, formatted for display."""
     base, comp = report["baseline"], report["compressed"]
     lat_b, lat_c = base["latency_ms"], comp["latency_ms"]
     rows = [
@@ -22,6 +22,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     for key in base["metrics"]:
         b, c = base["metrics"][key], comp["metrics"].get(key, float("nan"))
         rows.append((f"metric: {key}", f"{b:.4f}", f"{c:.4f}", f"{c - b:+.4f}"))
+    return rows
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A before/after table plus how each figure was measured."""
+    base, comp = report["baseline"], report["compressed"]
+    lat_b, lat_c = base["latency_ms"], comp["latency_ms"]
+    rows = before_after_rows(report)
     lines = [
         f"# pared report: {report['task']} with recipe `{report['recipe']['name']}`",
         "",
@@ -43,13 +51,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "## How each figure was measured",
         "",
-        f"- Latency: batch {lat_b['batch']}, {lat_b['threads']} threads, {lat_b['runs']} timed calls per runner "
-        f"after {lat_b['warmup']} warm-up calls, runners interleaved round-robin in one process.",
-        "- Size: bytes of the deployed file (fp32: safetensors state_dict; compressed: the artefact the runtime loads).",
-        "- MACs: torch FLOP counter on the fp32 graph (compression that keeps shapes keeps MACs).",
-        f"- Peak memory: {base['peak_memory_method']}.",
-        f"- Energy: {base['energy_j']['method']} (fp32) / {comp['energy_j']['method']} (compressed).",
-        "- Metrics: the task's evaluation run through each runtime (the compressed figures come from the deployed artefact).",
+        *[f"- {what}: {how}" for what, how in measurement_notes(report)],
         "",
         "## Steps",
         "",
@@ -57,6 +59,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def measurement_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(figure, how it was measured) pairs, from the method fields the measurements recorded."""
+    base, comp = report["baseline"], report["compressed"]
+    lat = base["latency_ms"]
+    weights = [("Weight histograms and SQNR", report["weights"]["method"] + ".")] if "weights" in report else []
+    return [
+        ("Latency", f"batch {lat['batch']}, {lat['threads']} threads, {lat['runs']} timed calls per runner "
+                    f"after {lat['warmup']} warm-up calls, runners interleaved round-robin in one process."),
+        ("Size", "bytes of the deployed file (fp32: safetensors state_dict; compressed: the artefact the runtime loads)."),
+        ("MACs", "torch FLOP counter on the fp32 graph (compression that keeps shapes keeps MACs)."),
+        ("Peak memory", f"{base['peak_memory_method']}."),
+        ("Energy", f"{base['energy_j']['method']} (fp32) / {comp['energy_j']['method']} (compressed)."),
+        ("Metrics", "the task's evaluation run through each runtime (the compressed figures come from the deployed artefact)."),
+        *weights,
+    ]
 
 
 def _step_line(step: dict[str, Any]) -> str:
