@@ -234,7 +234,7 @@ def evaluate(part: Part, score: Callable[[Any], dict[str, float]]) -> dict[str, 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out[m.name] = {k: round(v, 5) for k, v in score(m.runner).items()}
+                out[m.name] = {k: float(f"{v:.6g}") for k, v in score(m.runner).items()}
         except Exception as exc:  # noqa: BLE001
             out[m.name] = {"error": f"{type(exc).__name__}: {exc}"}
         log(f"{part.name}: evaluated {m.name} in {time.perf_counter() - t:.1f}s: {out[m.name]}")
