@@ -70,7 +70,7 @@ def config_from_dict(data: dict[str, Any]) -> BaseConfig:
         raise UsageError(f"a recipe step must be a mapping, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("technique", None)
-    if name not in _CONFIGS:
+    if not isinstance(name, str) or name not in _CONFIGS:
         known = ", ".join(sorted(_CONFIGS))
         raise UsageError(f"unknown technique {name!r}; known: {known}")
     cls = _CONFIGS[name]
@@ -78,7 +78,7 @@ def config_from_dict(data: dict[str, Any]) -> BaseConfig:
     if version != cls.version:
         raise UsageError(f"{name}: config version {version} not supported (this pared writes {cls.version})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))  # YAML keys need not be strings
     if unknown:
         raise UsageError(f"{name}: unknown field(s) {unknown}; valid: {sorted(fields)}")
     hints = typing.get_type_hints(cls)

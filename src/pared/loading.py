@@ -111,6 +111,29 @@ def detect_format(path: Path) -> str:
     return "unknown"
 
 
+def _check_torch_zip(path: Path) -> None:
+    """Refuse compressed or oversized members before torch inflates them (a decompression bomb).
+
+    ``torch.save`` stores every member uncompressed, so a deflated member can only come from
+    another writer, and a few kilobytes of it can expand to gigabytes in memory.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise _corrupt(path, exc) from None
+    if len(members) > MAX_SAFETENSORS_TENSORS + 16:
+        raise InputRefused(f"{path}: {len(members)} zip members exceed the limit of {MAX_SAFETENSORS_TENSORS}")
+    size = path.stat().st_size
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
+            raise InputRefused(
+                f"refused to load {path}: zip member '{m.filename}' is compressed or larger than "
+                f"the file ({m.compress_size} -> {m.file_size} bytes); torch.save never "
+                "compresses, so this may be a decompression bomb"
+            )
+
+
 def _is_torch_zip(path: Path, head: bytes) -> bool:
     # torch writes "<archive>/data.pkl" as the first member, so reading the first local header
     # also recognises a truncated file (one without a central directory).
@@ -170,6 +193,8 @@ def load_state_dict_file(
     if fmt == "safetensors":
         state = _load_safetensors(path)
     elif fmt in ("torch-zip", "pickle"):
+        if fmt == "torch-zip":
+            _check_torch_zip(path)
         state = _as_state_dict(_torch_load(path, trust_pickle), path)
     elif fmt == "onnx":
         raise InputRefused(f"{path} is an ONNX model, not a weights file ({ACCEPTED_FORMATS})")
@@ -576,6 +601,7 @@ def load_hf_directory(path: Path, *, trust_pickle: bool = False) -> nn.Module:
             f"model directory ({config_file})"
         )
     state = _load_hf_weights(path, trust_pickle)  # refuse bad weights before building anything
+    _check_declared_size(path, raw, state)
     model = _build_hf_model(path)
     state = _align_prefix(model, state)
     report = compare_keys(model, state)
@@ -631,6 +657,39 @@ def _load_sharded(index_file: Path, trust_pickle: bool) -> dict[str, torch.Tenso
             raise InputRefused(f"tensor '{clash[0]}' is in more than one shard of {index_file}")
         state.update(part)
     return state
+
+
+def _check_declared_size(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Refuse a config.json that describes a far bigger model than its weights before building it.
+
+    Building allocates (and randomly initialises) what the config declares: ``hidden_size:
+    10**6`` would exhaust memory and ``num_hidden_layers: 10**30`` would never finish. So layer
+    and expert counts are bounded by the number of tensors in the file, and the model is first
+    built on the meta device (no memory) and compared with the weights by parameter count.
+    """
+    where = path / "config.json"
+    for key, value in _config_items(raw):
+        if type(value) is int and _COUNT_KEY.search(key) and value > len(state):
+            raise InputRefused(f"{where}: {key}={value} but the weights hold only {len(state)} tensors")
+    with torch.device("meta"):
+        declared = sum(p.numel() for p in _build_hf_model(path).parameters())
+    held = sum(t.numel() for t in state.values())
+    if declared > 2 * held + 1_000_000:  # slack: tied weights are stored once
+        raise InputRefused(f"{where} declares {declared} parameters but the weights hold only {held} values")
+
+
+_COUNT_KEY = re.compile(r"(^|_)(layers?|experts|blocks)$|^n_layer$")
+
+
+def _config_items(doc: Any) -> Any:
+    """Every ``(key, value)`` pair of a JSON document, nested configs included."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield str(key), value
+            yield from _config_items(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            yield from _config_items(value)
 
 
 def _build_hf_model(path: Path) -> nn.Module:
