@@ -44,3 +44,15 @@ def digits_fp32(pared_session_cache: Path) -> torch.nn.Module:
             os.environ["PARED_CACHE_DIR"] = prev
     assert (pared_session_cache / "digits_cnn_w16.safetensors").is_file()
     return model
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """PyTorch on one thread for the test: for tiny layers a second OpenMP thread only waits, which
+    on a busy 2-core machine made a 40-step training test 6x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

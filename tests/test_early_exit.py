@@ -21,12 +21,7 @@ from pared.train import kd_loss
 AFTER = ("2", "5")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny layers: a second OpenMP thread only waits on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(seed: int = 0) -> nn.Sequential:

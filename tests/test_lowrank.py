@@ -31,12 +31,7 @@ from pared.lowrank import (
 from pared.testing.models import random_batches, tiny_mlp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny layers: a second OpenMP thread only waits on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv_net() -> nn.Sequential:
