@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
@@ -134,28 +135,36 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except ParedError as exc:
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc.exit_code, f"error: {exc}", debug)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _fail(130, "interrupted", debug)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
+    except MemoryError:
+        _fail(5, "error: out of memory (try a smaller --batch)", debug)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            _fail(1, f"internal error ({type(exc).__name__}): {exc} (rerun with --debug for the traceback)", debug)
+        _fail(5, f"error: {exc}", debug)  # disk full or read-only where pared did not wrap it
     except Exception as exc:  # noqa: BLE001 - a bug: one line, traceback only with --debug
-        import click
+        # click's usage errors, matched by shape: typer vendors its own copy of click.
+        if hasattr(exc, "format_message"):
+            _fail(2, f"error: {exc.format_message()} (see --help)", debug)
+        if type(exc).__name__ == "Abort":
+            _fail(130, "interrupted", debug)
+        _fail(1, f"internal error ({type(exc).__name__}): {exc} (rerun with --debug for the traceback)", debug)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"internal error ({type(exc).__name__}): {exc} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)
+
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _fail(code: int, message: str, debug: bool) -> NoReturn:
+    """Exit with ``code`` after one line on stderr; the traceback comes first only with --debug."""
+    if debug:
+        traceback.print_exc()
+    typer.echo(" ".join(message.split()), err=True)  # one line even if the message had newlines
+    sys.exit(code)
 
 
 if __name__ == "__main__":
