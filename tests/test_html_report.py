@@ -104,21 +104,21 @@ def fake_search(point: dict) -> dict:
 def test_compress_report_is_self_contained_and_keeps_report_json(compress_dir: Path) -> None:
     before = hashlib.sha256((compress_dir / "report.json").read_bytes()).hexdigest()
     written = write_report(compress_dir)
-    assert written["kind"] == "compress"
+    assert written == {"kind": "compress", "files": [compress_dir / "report.html", compress_dir / "report.md"]}
     assert hashlib.sha256((compress_dir / "report.json").read_bytes()).hexdigest() == before
-    page = written["html"].read_text(encoding="utf-8")
+    page = (compress_dir / "report.html").read_text(encoding="utf-8")
     assert _figures(page) == ["ratios", "histograms", "layer-error"]
     _assert_offline(page)
     assert 'data-table="before-after"' in page and "How each figure was measured" in page
     assert "estimated:horowitz2014" in page or "measured:rapl" in page  # energy method from report.json
-    markdown = written["markdown"].read_text(encoding="utf-8")
+    markdown = (compress_dir / "report.md").read_text(encoding="utf-8")
     assert "## Per-layer weights" in markdown and "classifier.3" in markdown
 
 
 def test_search_report_pareto_table_and_escaping(search_dir: Path) -> None:
     written = write_report(search_dir)
-    assert written["kind"] == "search"
-    page = written["html"].read_text(encoding="utf-8")
+    assert written["kind"] == "search" and [p.name for p in written["files"]] == ["report.html", "report.md", "report.json"]
+    page = (search_dir / "report.html").read_text(encoding="utf-8")
     assert _figures(page) == ["pareto-latency_ratio", "pareto-size_bytes", "pareto-energy_j", "sensitivity",
                               "histograms", "layer-error"]
     _assert_offline(page)
@@ -127,7 +127,7 @@ def test_search_report_pareto_table_and_escaping(search_dir: Path) -> None:
     assert "etc/passwd" in page and 'href="../../etc/passwd"' not in page and 'href="javascript:' not in page
     table = re.search(r'<table data-table="before-after">.*?</table>', page, re.S).group(0)
     assert table.count('class="pareto"') == 3 and table.count('class="peer"') == 2
-    summary = json.loads(written["json"].read_text(), parse_constant=_refuse_constant)  # strict JSON: no NaN
+    summary = json.loads((search_dir / "report.json").read_text(), parse_constant=_refuse_constant)  # strict JSON: no NaN
     accuracies = [t["metrics"]["accuracy"] for t in summary["pareto"]]
     assert accuracies == sorted(accuracies, reverse=True)  # best point first
     doc = json.loads((search_dir / "search.json").read_text())
@@ -142,7 +142,7 @@ def test_report_renders_in_headless_chromium(which: str, compress_dir: Path, sea
             pytest.fail("chromium is required under CI (apt-get install chromium)")
         pytest.skip("chromium not installed")
     directory = compress_dir if which == "compress" else search_dir
-    page = write_report(directory)["html"]
+    page = write_report(directory)["files"][0]
     expected = len(_figures(page.read_text(encoding="utf-8")))
     dom = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
     body = re.search(r"<body[^>]*>", dom).group(0)

@@ -98,7 +98,7 @@ def report(
     from pared.html_report import write_report
 
     written = write_report(directory)
-    typer.echo(f"wrote {written['html']} ({written['kind']} report), {written['markdown'].name} and {written['json'].name}")
+    typer.echo(f"{written['kind']} report: wrote " + ", ".join(str(p) for p in written["files"]))
 
 
 def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_pickle: bool) -> tuple[Any, dict[str, Any]]:

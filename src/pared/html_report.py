@@ -35,7 +35,8 @@ def write_report(directory: str | Path) -> dict[str, Path]:
     """Render DIR's results to ``report.html``, ``report.md`` and (for a search) ``report.json``.
 
     Returns:
-        ``{"kind": ..., "html": path, "markdown": path, "json": path}`` of the files written.
+        ``{"kind": "compress" | "search", "files": [paths written]}``; a compress folder's
+        report.json is its job's own record and is left as it is.
 
     Raises:
         UsageError: DIR is missing, not a folder, or holds neither ``search.json`` nor ``report.json``.
@@ -56,12 +57,12 @@ def write_report(directory: str | Path) -> dict[str, Path]:
         summary = None  # report.json is the compress job's own record: never rewritten
     else:
         raise UsageError(f"{directory} has neither search.json nor report.json: not a pared compress or search output")
-    files = {"html": directory / "report.html", "markdown": directory / "report.md", "json": directory / "report.json"}
-    atomic_write_text(files["html"], page)
-    atomic_write_text(files["markdown"], markdown)
+    contents = {"report.html": page, "report.md": markdown}
     if summary is not None:
-        atomic_write_text(files["json"], json.dumps(summary, indent=2, allow_nan=False, default=_json_default))
-    return {"kind": kind, **files}  # type: ignore[dict-item]
+        contents["report.json"] = json.dumps(summary, indent=2, allow_nan=False, default=_json_default)
+    for name, text in contents.items():
+        atomic_write_text(directory / name, text)
+    return {"kind": kind, "files": [directory / name for name in contents]}
 
 
 def load_json(path: Path) -> dict[str, Any]:
