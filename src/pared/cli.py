@@ -112,6 +112,10 @@ def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_
     if kind == "hf-directory":
         return hf_encoder_task(Path(spec)), {"kind": "hf-directory", "path": str(Path(spec).resolve())}
     source = {"kind": "factory", "spec": spec, "weights": str(Path(weights).resolve()) if weights else None}
+    if trust_pickle and weights:  # the artefact says that code from this exact file may have run
+        from pared.artefact import sha256_file
+
+        source.update(unsafe_load=True, weights_sha256=sha256_file(Path(weights)))
     if input_shape is None:
         raise UsageError("a factory returning a bare nn.Module needs --input-shape (or return a pared UserTask)")
     return fidelity_task(spec, module, _shape(input_shape)), source
@@ -133,7 +137,7 @@ def main() -> None:
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except ParedError as exc:
         _fail(exc.exit_code, f"error: {exc}", debug)
     except KeyboardInterrupt:
@@ -154,6 +158,11 @@ def main() -> None:
         if type(exc).__name__ == "Abort":
             _fail(130, "interrupted", debug)
         _fail(1, f"internal error ({type(exc).__name__}): {exc} (rerun with --debug for the traceback)", debug)
+    # Without standalone mode typer returns an exit code instead of exiting: 130 for Ctrl-C.
+    if code == 130:
+        _fail(130, "interrupted", debug)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
@@ -161,7 +170,7 @@ _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 def _fail(code: int, message: str, debug: bool) -> NoReturn:
     """Exit with ``code`` after one line on stderr; the traceback comes first only with --debug."""
-    if debug:
+    if debug and sys.exc_info()[0] is not None:
         traceback.print_exc()
     typer.echo(" ".join(message.split()), err=True)  # one line even if the message had newlines
     sys.exit(code)
