@@ -64,6 +64,7 @@ def export_onnx(
     fold_constant_quantize(proto.graph)
     fold_dequantize_transpose(proto.graph)
     remove_unused_initializers(proto.graph)
+    shorten_names(proto.graph)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -165,6 +166,34 @@ def uses_contrib_ops(path: str | os.PathLike[str]) -> bool:
     """True when the ONNX file uses ONNX Runtime's ``com.microsoft`` operators."""
     proto = onnx.load(str(path), load_external_data=False)
     return any(n.domain == "com.microsoft" for n in proto.graph.node)
+
+
+def shorten_names(graph: onnx.GraphProto) -> int:
+    """Rename the exporter's path-like value names (``/bert/encoder/layer.0/.../MatMul_output_0``)
+    to ``t<i>`` and drop node names. They are debugging labels only, and on MiniLM they took about
+    130 kB of the 23 MB int8 file. Graph inputs, outputs and parameter-named initializers keep
+    their names. Returns the number of renamed values.
+    """
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # a subgraph may refer to outer names: leave such a graph as it is
+    keep = {v.name for v in (*graph.input, *graph.output)}
+    keep |= {i.name for i in graph.initializer if not i.name.startswith("/")}
+    mapping: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return mapping.setdefault(name, f"t{len(mapping)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    for info in graph.value_info:
+        info.name = short(info.name)
+    return len(mapping)
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> None:
