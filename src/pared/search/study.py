@@ -1,0 +1,411 @@
+"""The search loop: an Optuna study whose trials are ``pared compress`` jobs.
+
+State lives in the Optuna storage (SQLite ``DIR/study.db`` by default, or any RDB URL such as
+PostgreSQL for many workers), so a search survives being killed:
+
+- a finished trial is never rerun: ``--resume`` and ``--join`` load the study;
+- ``--resume`` (the previous run is dead) marks its RUNNING trials FAIL and enqueues their params
+  again; live workers sharing a study find dead workers' trials by heartbeat instead;
+- a trial that raises, runs out of memory (``MemoryError``) or yields a NaN objective is FAIL with
+  the reason recorded, and the study goes on.
+
+Determinism: the sampler is rebuilt for every trial with a seed derived from the trial's
+*logical index* (its number minus the killed trials before it), so a resumed search proposes
+the same params as an uninterrupted one with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from pared.config import config_to_dict
+from pared.errors import EnvironmentIOError, UsageError
+from pared.search import output
+from pared.search.evaluate import CompressEvaluator, Evaluator
+from pared.search.objectives import Constraint, Objective, metrics_from_report, parse_constraint, parse_objectives
+from pared.search.space import ModelInfo, build_recipe, select_spaces
+
+DB_FILE = "study.db"
+HEARTBEAT_S = 10
+GRACE_S = 30  # a RUNNING trial without a heartbeat for this long belonged to a dead worker
+MAX_RETRY = 3  # a trial killed this many times (an OOM kill, say) is left FAIL
+SAMPLERS = ("tpe", "nsga2", "random")
+SPEC_ATTR, BASELINE_ATTR, INFO_ATTR = "pared_spec", "pared_baseline", "pared_info"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclasses.dataclass
+class SearchSpec:
+    """Everything that defines a search (``pared search`` options, one to one).
+
+    The fields in ``IDENTITY`` define the study: resuming with any of them changed is refused.
+    """
+
+    model: str
+    out: str
+    objectives: tuple[str, ...] = ("metric", "latency")
+    constraints: tuple[str, ...] = ()
+    techniques: tuple[str, ...] | None = None
+    trials: int | None = 50
+    time_budget_s: float | None = None
+    seed: int = 0
+    sampler: str = "tpe"
+    storage: str | None = None
+    study_name: str = "pared"
+    runtime: str = "auto"
+    threads: int = 2
+    batch: int = 8
+    rounds: int = 20
+    sensitivity: bool = True
+    weights: str | None = None
+    input_shape: str | None = None
+    trust_pickle: bool = False
+
+    IDENTITY = ("model", "objectives", "constraints", "techniques", "seed", "sampler", "runtime", "batch")
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` for a budget, sampler or size that cannot work."""
+        if self.trials is None and self.time_budget_s is None:
+            raise UsageError("give a budget: a trial count, a time budget, or both")
+        if self.trials is not None and self.trials < 1:
+            raise UsageError(f"the trial budget must be >= 1, got {self.trials}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise UsageError(f"the time budget must be > 0, got {self.time_budget_s}")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
+        if min(self.threads, self.batch, self.rounds) < 1:
+            raise UsageError("threads, batch and rounds must be >= 1")
+        if self.techniques is not None and not self.techniques:
+            raise UsageError("empty search space: --techniques names no technique")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: _jsonable(getattr(self, k)) for k in self.IDENTITY}
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(Path(self.out) / DB_FILE).resolve()}"
+
+
+def search(spec: SearchSpec, *, evaluator: Evaluator | None = None, resume: bool = False,
+           join: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume, or join) a search; returns the final ``search.json`` content.
+
+    Args:
+        spec: the search.
+        evaluator: how a trial is measured (default: ``pared compress`` of ``spec.model``).
+        resume: continue a stopped search: its RUNNING trials are retried, finished ones kept.
+        join: work on a study other workers share (created if absent); leaves their trials be.
+        overwrite: delete an existing search in ``spec.out`` (and its study) first.
+
+    Raises:
+        UsageError: bad spec, objective, constraint or space, or a resume that changes the search.
+        EnvironmentIOError: the storage cannot be opened.
+    """
+    evaluator = evaluator or CompressEvaluator(spec)
+    study = prepare(spec, evaluator=evaluator, resume=resume, join=join, overwrite=overwrite)
+    run_worker(spec, study, evaluator)
+    return output.write_outputs(study, Path(spec.out))
+
+
+def prepare(spec: SearchSpec, *, evaluator: Evaluator | None = None, resume: bool = False,
+            join: bool = False, overwrite: bool = False) -> optuna.Study:
+    """Check everything, then create or load the study; on ``resume`` retry its RUNNING trials.
+
+    Every bad input (spec, objective, constraint, empty space, unreachable storage) is refused
+    here, before any trial runs.
+    """
+    spec.validate()
+    out = Path(spec.out)
+    if resume and join:
+        raise UsageError("--resume and --join are exclusive (resume: the old run is dead; join: it is not)")
+    storage = open_storage(spec, fresh=not (resume or join), overwrite=overwrite)
+    evaluator = evaluator or CompressEvaluator(spec)
+    study = _load_or_create(spec, storage, evaluator, resume=resume, join=join)
+    (out / output.POINTS).mkdir(parents=True, exist_ok=True)
+    if resume:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (its process died); retried")
+            retry_trial(study, storage.get_trial(trial._trial_id))
+    return study
+
+
+def run_worker(spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> None:
+    """Run trials until the budget is spent; on Ctrl-C retry the running trial later, then re-raise."""
+    worker = _Worker(spec, study, evaluator)
+    deadline = None if spec.time_budget_s is None else time.monotonic() + spec.time_budget_s
+    try:
+        while _more_to_do(study, spec.trials, deadline):
+            study.optimize(worker.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                           callbacks=[worker.after_trial])
+    except KeyboardInterrupt:
+        if worker.current is not None:
+            frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, worker.current))
+            if frozen.state == TrialState.FAIL:
+                study._storage.set_trial_user_attr(frozen._trial_id, "error", "interrupted (Ctrl-C); retried")
+                retry_trial(study, frozen)
+        output.write_outputs(study, Path(spec.out))
+        raise
+
+
+def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.storages.RDBStorage:
+    """The study's RDB storage, checked reachable before any trial runs.
+
+    Raises:
+        UsageError: a fresh search would overwrite an existing one without ``overwrite``.
+        EnvironmentIOError: the storage URL cannot be opened.
+    """
+    out = Path(spec.out)
+    if fresh and out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out} already holds a search: pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(out)
+    if spec.storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    url = spec.storage_url()
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("postgresql"):
+        kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            failed_trial_callback=retry_trial)
+    except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EnvironmentIOError(f"cannot open the study storage {_redact(url)}: {reason}") from None
+    if fresh and overwrite and spec.storage is not None:
+        try:
+            optuna.delete_study(study_name=spec.study_name, storage=storage)
+        except KeyError:
+            pass
+    return storage
+
+
+def _load_or_create(spec: SearchSpec, storage: optuna.storages.RDBStorage, evaluator: Evaluator, *,
+                    resume: bool, join: bool) -> optuna.Study:
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if spec.study_name in names:
+        if not (resume or join):
+            raise UsageError(f"study {spec.study_name!r} already exists in {_redact(spec.storage_url())}: "
+                             "pass --resume or --join to continue it, --overwrite to replace it")
+        return load_study(spec, storage)
+    if resume:
+        raise UsageError(f"nothing to resume: no study {spec.study_name!r} in {_redact(spec.storage_url())}")
+    baseline = evaluator.baseline_metrics()
+    objectives = parse_objectives(spec.objectives, list(baseline), evaluator.primary_metric)
+    for text in spec.constraints:
+        parse_constraint(text, list(baseline))
+    select_spaces(spec.techniques, evaluator.model_info(sensitivity=False))  # empty space: fail fast
+    info = evaluator.model_info(sensitivity=spec.sensitivity)
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.study_name,
+                                    directions=[o.direction for o in objectives])
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it first
+        return load_study(spec, storage)
+    study.set_user_attr(SPEC_ATTR, spec.identity())
+    study.set_user_attr(BASELINE_ATTR, {"primary": evaluator.primary_metric, "metrics": baseline})
+    study.set_user_attr(INFO_ATTR, dataclasses.asdict(info))
+    return load_study(spec, storage)
+
+
+def load_study(spec: SearchSpec, storage: optuna.storages.BaseStorage | str) -> optuna.Study:
+    """Load the study with pared's per-trial seeded sampler; refuse one made for another search."""
+    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    for _ in range(50):  # the creator writes the attributes right after creating the study
+        if {SPEC_ATTR, INFO_ATTR} <= set(study.user_attrs):
+            break
+        time.sleep(0.2)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        raise UsageError(f"study {spec.study_name!r} was not made by pared search")
+    changed = {k: (stored.get(k), v) for k, v in spec.identity().items() if stored.get(k) != v}
+    if changed:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise UsageError(f"this study was made by a different search ({diff}); use a new --out or --study-name")
+    constraints = _constraints(study)
+    study.sampler = PerTrialSeedSampler(spec.sampler, spec.seed, len(constraints))
+    return study
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue a killed or interrupted trial's params again (at most ``MAX_RETRY`` times)."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        return
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={"failed_trial": history[0], "retry_history": history}))
+
+
+def superseded(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that were retried (killed, then enqueued again)."""
+    out: set[int] = set()
+    for t in trials:
+        out.update(t.system_attrs.get("retry_history", []))
+    return out
+
+
+def logical_index(trials: list[FrozenTrial], number: int) -> int:
+    """Trial ``number``'s position in an uninterrupted run: killed-and-retried trials don't count."""
+    gone = superseded(trials)
+    return number - sum(1 for n in gone if n < number)
+
+
+def _more_to_do(study: optuna.Study, budget: int | None, deadline: float | None) -> bool:
+    if deadline is not None and time.monotonic() >= deadline:
+        return False
+    trials = study.get_trials(deepcopy=False)
+    gone = superseded(trials)
+    live = [t for t in trials if t.number not in gone]
+    if any(t.state == TrialState.WAITING for t in live):
+        return True
+    return budget is None or len(live) < budget
+
+
+class PerTrialSeedSampler(optuna.samplers.BaseSampler):
+    """Delegates to a fresh TPE / NSGA-II / random sampler seeded by the trial's logical index.
+
+    Optuna samplers draw from one RNG seeded at construction, so a resumed process would draw
+    different params from an uninterrupted one. Reseeding per trial makes trial i's proposal a
+    function of (seed, i, finished history) only.
+    """
+
+    def __init__(self, kind: str, seed: int, n_constraints: int) -> None:
+        self.kind, self.seed, self.n_constraints = kind, seed, n_constraints
+        self._inner: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+    def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if self._inner is None or self._inner[0] != trial.number:
+            index = logical_index(study.get_trials(deepcopy=False), trial.number)
+            self._inner = (trial.number, self._make(self.seed * 1_000_003 + index))
+        return self._inner[1]
+
+    def _make(self, seed: int) -> optuna.samplers.BaseSampler:
+        constraints = self._constraints if self.n_constraints else None
+        if self.kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=10)
+        if self.kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, constant_liar=True,
+                                          n_startup_trials=8)
+
+    def _constraints(self, trial: FrozenTrial) -> list[float]:
+        return list(trial.user_attrs.get("constraints") or [1.0] * self.n_constraints)
+
+    def infer_relative_search_space(self, study, trial):  # noqa: D102 - Optuna's API
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):  # noqa: D102
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: D102
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):  # noqa: D102
+        self._for(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):  # noqa: D102
+        self._for(study, trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:  # noqa: D102 - seeds come from the trial index, never from here
+        pass
+
+
+class _Worker:
+    """One process's view of the study: the space, objectives and constraints, and the trial job."""
+
+    def __init__(self, spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> None:
+        self.spec, self.study, self.evaluator = spec, study, evaluator
+        self.out = Path(spec.out)
+        baseline = study.user_attrs[BASELINE_ATTR]
+        self.primary, self.baseline = baseline["primary"], baseline["metrics"]
+        self.info = ModelInfo(**{k: tuple(v) if k == "groups" else v for k, v in study.user_attrs[INFO_ATTR].items()})
+        self.slots = select_spaces(spec.techniques, self.info)
+        self.objectives: list[Objective] = parse_objectives(spec.objectives, list(self.baseline), self.primary)
+        self.constraints: list[Constraint] = _constraints(study)
+        self.current: int | None = None
+
+    def objective(self, trial: optuna.Trial) -> list[float]:
+        self.current = trial.number
+        recipe = build_recipe(trial, self.slots, self.info)
+        if not recipe:
+            raise optuna.TrialPruned("every slot is 'none': nothing to compress")
+        trial.set_user_attr("recipe", [config_to_dict(c) for c in recipe])
+        try:
+            report = self.evaluator.run(recipe, self.out / output.POINTS / output.trial_name(trial.number),
+                                        on_metrics=lambda m: self._prune_hopeless(trial, m))
+            metrics = metrics_from_report(report)
+        except optuna.TrialPruned:
+            raise
+        except BaseException as exc:
+            trial.set_user_attr("error", _one_line(exc))
+            raise
+        trial.set_user_attr("metrics", {k: _jsonable(v) for k, v in metrics.items()})
+        trial.set_user_attr("baseline", output.baseline_of(report))
+        base = float(report["baseline"]["metrics"][self.primary])
+        trial.set_user_attr("constraints", [c.violation(metrics, base) for c in self.constraints])
+        values = [float(metrics[o.name]) for o in self.objectives]
+        bad = [o.name for o, v in zip(self.objectives, values) if not math.isfinite(v)]
+        if bad:
+            trial.set_user_attr("error", f"non-finite objective(s) {bad}")
+            raise FloatingPointError(f"non-finite objective(s) {bad}")
+        return values
+
+    def _prune_hopeless(self, trial: optuna.Trial, metrics: dict[str, dict[str, float]]) -> None:
+        """Before timing: stop a trial whose task metric already breaks a constraint."""
+        base, comp = metrics["baseline"], metrics["compressed"]
+        partial = {k: float(v) for k, v in comp.items()}
+        partial["metric_drop"] = float(base[self.primary]) - float(comp[self.primary])
+        for c in self.constraints:
+            if c.name in partial and c.violation(partial, float(base[self.primary])) > 0:
+                trial.set_user_attr("metrics", {k: _jsonable(v) for k, v in partial.items()})
+                trial.set_user_attr("error", f"pruned before timing: {c} broken ({c.name}={partial[c.name]:.6g})")
+                raise optuna.TrialPruned(f"{c} broken")
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.current = None
+        output.write_outputs(study, self.out)
+        state = trial.state.name
+        print(f"trial {trial.number}: {state} {trial.values or trial.user_attrs.get('error', '')}", file=sys.stderr, flush=True)
+
+
+def _constraints(study: optuna.Study) -> list[Constraint]:
+    metrics = list(study.user_attrs.get(BASELINE_ATTR, {}).get("metrics", {}))
+    return [parse_constraint(text, metrics) for text in study.user_attrs[SPEC_ATTR]["constraints"]]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    hint = " (try a smaller --batch)" if isinstance(exc, MemoryError) else ""
+    return f"{type(exc).__name__}: {text[0] if text else ''}{hint}"[:500]
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+__all__ = ["SearchSpec", "search", "prepare", "run_worker", "load_study", "open_storage", "retry_trial",
+           "logical_index", "PerTrialSeedSampler"]
