@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -88,6 +89,60 @@ def recipes() -> None:
     for name in builtin_recipes():
         steps = " -> ".join(type(c).type_name for c in load_recipe(name))  # type: ignore[attr-defined]
         typer.echo(f"{name:>14}: {steps}")
+
+
+@app.command()
+def search(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Search folder: study.db, search.json, pareto.md, recipes/, points/."),
+    objective: list[str] = typer.Option(["metric", "latency"], help="Objective metric (repeat): metric, latency, size, macs, energy, or any metric name."),
+    constraint: list[str] = typer.Option([], help="Constraint (repeat), e.g. 'metric_drop <= 0.01', 'metric_drop <= 1%', 'latency_ratio <= 0.2'."),
+    techniques: Optional[str] = typer.Option(None, help="Comma-separated techniques to search (default: every one that applies)."),
+    trials: Optional[int] = typer.Option(50, help="Trial budget of the study (killed-and-retried trials count once)."),
+    time_budget: Optional[str] = typer.Option(None, help="Wall-clock budget of this run: 90s, 15m, 1h (bare number: minutes)."),
+    sampler: str = typer.Option("tpe", help="tpe, nsga2 or random."),
+    seed: int = typer.Option(0, help="Sampler seed (a resumed search proposes what an uninterrupted one would)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna RDB URL, e.g. postgresql://user:pw@host/db (default: sqlite OUT/study.db)."),
+    study_name: str = typer.Option("pared", help="Study name inside the storage."),
+    resume: bool = typer.Option(False, help="Continue a stopped search: retry its interrupted trials, keep finished ones."),
+    join: bool = typer.Option(False, help="Work on a study other workers share (created if absent)."),
+    backend: str = typer.Option("local", help="local (this process) or ray (--workers Ray tasks on one storage)."),
+    workers: int = typer.Option(1, help="Ray tasks running trials at once (with --backend ray)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP),
+    threads: int = typer.Option(2, help="Intra-op threads for every runtime measured."),
+    batch: int = typer.Option(8, help="Batch size for latency, memory and energy."),
+    rounds: int = typer.Option(20, help="Timed calls per runner in each trial."),
+    sensitivity: bool = typer.Option(True, help="Measure per-group sensitivity first to narrow the per-group knobs."),
+    overwrite: bool = typer.Option(False, help="Delete an existing search in OUT (and its study) first."),
+    weights: Optional[str] = typer.Option(None, help="State-dict file for a factory model."),
+    input_shape: Optional[str] = typer.Option(None, help="Input shape for a bare-module factory, e.g. 1,3,32,32."),
+    trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files."),
+) -> None:
+    """Search recipes for the best trade-offs (task metric, latency, size, MACs, energy) under constraints."""
+    from pared.search import SearchSpec
+    from pared.search import search as run_search
+    from pared.search.cli_support import parse_duration, run_backend
+
+    spec = SearchSpec(
+        model=model, out=str(out), objectives=tuple(objective), constraints=tuple(constraint),
+        techniques=None if techniques is None else tuple(t.strip() for t in techniques.split(",") if t.strip()),
+        trials=trials, time_budget_s=parse_duration(time_budget), seed=seed, sampler=sampler, storage=storage,
+        study_name=study_name, runtime=runtime, threads=threads, batch=batch, rounds=rounds,
+        sensitivity=sensitivity, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle,
+    )
+    try:
+        if backend == "local":
+            doc = run_search(spec, resume=resume, join=join, overwrite=overwrite)
+        else:
+            doc = run_backend(spec, backend, workers=workers, address=ray_address, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:
+        args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite", "--join")]
+        typer.echo("search interrupted; the running trial will be retried. Resume with:\n  pared "
+                   + " ".join(shlex.quote(a) for a in args) + " --resume", err=True)
+        raise
+    typer.echo((out / "pareto.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}: {len(doc['trials'])} trials, {sum(t['pareto'] for t in doc['trials'])} on the front")
 
 
 @app.command()
