@@ -44,7 +44,7 @@ def checked_batches(data: Iterable[Any], *, limit: int | None = None) -> list[tu
     """Materialise up to ``limit`` calibration batches, refusing empty data and NaN/inf.
 
     Raises:
-        UsageError: the data yields nothing.
+        UsageError: the data yields nothing, or a batch has no elements.
         InputRefused: a batch holds NaN or inf (the message names the batch index).
     """
     batches: list[tuple[torch.Tensor, ...]] = []
@@ -53,6 +53,8 @@ def checked_batches(data: Iterable[Any], *, limit: int | None = None) -> list[tu
             break
         inputs = as_inputs(item)
         for t in inputs:
+            if t.numel() == 0:  # observers cannot take a range of nothing
+                raise UsageError(f"calibration batch {i} is empty (shape {list(t.shape)})")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise InputRefused(f"calibration batch {i} contains NaN or inf")
         batches.append(inputs)

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # bytes; the cap safetensors itself applies
 MAX_SAFETENSORS_TENSORS = 100_000  # per file; real checkpoints hold a few thousand at most
+MIN_TORCH_FOR_PICKLE = (2, 6)
 ACCEPTED_FORMATS = "safetensors, or a torch.save file (zip or legacy) that loads with weights_only"
 TRUST_HINT = (
     "convert it to safetensors, or pass --trust-pickle if you trust its source "
@@ -109,6 +110,18 @@ def detect_format(path: Path) -> str:
     if head[:1] == b"\x08" and _is_onnx(path, info.st_size):  # ModelProto field 1, ir_version
         return "onnx"
     return "unknown"
+
+
+def _check_torch_floor(path: Path) -> None:
+    """Below torch 2.6, ``weights_only=True`` can be bypassed (CVE-2025-32434): no pickle then."""
+    installed = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if installed < MIN_TORCH_FOR_PICKLE:
+        need = ".".join(map(str, MIN_TORCH_FOR_PICKLE))
+        raise InputRefused(
+            f"refused to load {path}: pickle-based files need torch >= {need} (installed: "
+            f"{torch.__version__}; weights_only can be bypassed below it, CVE-2025-32434); "
+            "convert the file to safetensors"
+        )
 
 
 def _check_torch_zip(path: Path) -> None:
@@ -193,6 +206,8 @@ def load_state_dict_file(
     if fmt == "safetensors":
         state = _load_safetensors(path)
     elif fmt in ("torch-zip", "pickle"):
+        if not trust_pickle:
+            _check_torch_floor(path)
         if fmt == "torch-zip":
             _check_torch_zip(path)
         state = _as_state_dict(_torch_load(path, trust_pickle), path)
@@ -507,7 +522,7 @@ def load_into(
         if strict:
             raise InputRefused(
                 f"weights{where} do not fit the model: {report.describe()} "
-                "(pass --non-strict to load only what fits)"
+                "(the Python API's load_into(..., strict=False) loads only what fits)"
             )
         logger.warning("non-strict load%s skipped %s", where, report.describe())
     expected = model.state_dict()
