@@ -90,11 +90,34 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 class Part:
-    """One model's run: its methods, failures, and the facts each line reports."""
+    """One model's run: the fp32 baseline and its ONNX export, the methods built so far, and what
+    pared's steps reported for each pared variant."""
 
-    def __init__(self, name: str, scratch: Path, names: list[str]) -> None:
+    def __init__(self, name: str, scratch: Path, names: list[str], fp32: nn.Module, calib: list[tuple[torch.Tensor, ...]],
+                 example: tuple[torch.Tensor, ...], axes: dict[str, dict[int, str]]) -> None:
         self.name, self.scratch, self.names = name, scratch, names
-        self.methods: list[Method] = []
+        self.fp32, self.calib, self.example, self.axes = fp32, calib, example, axes
+        self.fp32_bytes = safetensors_bytes(fp32, scratch)
+        self.methods = [Method(BASELINE, make_runner("torch", model=fp32, threads=THREADS), runtime="torch",
+                               size_bytes=self.fp32_bytes, size_what="safetensors state_dict (fp32)")]
+        self.fp32_onnx = scratch / f"{name}_fp32.onnx"
+        export_onnx(fp32, example, self.fp32_onnx, input_names=names, dynamic_axes=axes)
+        self.summaries: dict[str, list[dict[str, Any]]] = {}
+
+    def pared(self, name: str, configs: list[Any], runtimes: tuple[str, ...] = ("openvino",)) -> None:
+        """Build ``compress_(fp32, configs)`` exported to QDQ ONNX, one method per runtime."""
+
+        def build() -> list[Method]:
+            ctx = pared.Context(calib=self.calib)
+            model = pared.compress_(copy.deepcopy(self.fp32), configs, context=ctx)
+            self.summaries[name] = ctx.summary
+            path = self.scratch / f"{name}.onnx"
+            export_onnx(model, self.example, path, input_names=self.names, dynamic_axes=self.axes)
+            return [Method(f"{name}-{rt}", make_runner(rt, onnx_path=path, threads=THREADS, input_names=self.names),
+                           runtime=rt, size_bytes=path.stat().st_size, size_what="ONNX file (QDQ, int8 initializers)")
+                    for rt in runtimes]
+
+        self.attempt(name, build)
 
     def attempt(self, name: str, build: Callable[[], Method | list[Method] | None]) -> None:
         log(f"{self.name}: building {name}")
@@ -120,38 +143,23 @@ class Part:
 # --------------------------------------------------------------------------- builders
 
 
-def onnx_methods(part: Part, name: str, model: nn.Module, example: tuple[torch.Tensor, ...], axes: dict,
-                 runtimes: tuple[str, ...] = ("openvino",)) -> list[Method]:
-    path = part.scratch / f"{name}.onnx"
-    export_onnx(model, example, path, input_names=part.names, dynamic_axes=axes)
-    return [Method(f"{name}-{rt}", make_runner(rt, onnx_path=path, threads=THREADS, input_names=part.names),
-                   runtime=rt, size_bytes=path.stat().st_size, size_what="ONNX file (QDQ, int8 initializers)")
-            for rt in runtimes]
-
-
-def pared_compressed(fp32: nn.Module, configs: list[Any], calib: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
-    ctx = pared.Context(calib=calib)
-    model = pared.compress_(copy.deepcopy(fp32), configs, context=ctx)
-    return model, ctx.summary
-
-
-def ort_dynamic(part: Part, fp32_onnx: Path) -> Method:
+def ort_dynamic(part: Part) -> Method:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = part.scratch / "ort_dynamic.onnx"
     with contextlib.chdir(part.scratch):  # the quantizer may drop helper files into the cwd
-        quantize_dynamic(str(fp32_onnx), str(out), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(part.fp32_onnx), str(out), weight_type=QuantType.QInt8)
     run = make_runner("onnxruntime", onnx_path=out, threads=THREADS, input_names=part.names)
     return Method("ort-quantize-dynamic", run, runtime="onnxruntime", size_bytes=out.stat().st_size,
                   size_what="ONNX file (ORT dynamic, int8 weights)")
 
 
-def ort_static(part: Part, fp32_onnx: Path, batches: list[tuple[torch.Tensor, ...]], ops: list[str] | None) -> Method:
+def ort_static(part: Part, ops: list[str] | None) -> Method:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter([{n: t.numpy() for n, t in zip(part.names, b)} for b in batches])
+            self.feeds = iter([{n: t.numpy() for n, t in zip(part.names, b)} for b in part.calib])
 
         def get_next(self) -> dict[str, Any] | None:
             return next(self.feeds, None)
@@ -159,19 +167,19 @@ def ort_static(part: Part, fp32_onnx: Path, batches: list[tuple[torch.Tensor, ..
     out = part.scratch / "ort_static.onnx"
     kwargs = {"op_types_to_quantize": ops} if ops else {}
     with contextlib.chdir(part.scratch):
-        quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(part.fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **kwargs)
     run = make_runner("onnxruntime", onnx_path=out, threads=THREADS, input_names=part.names)
     what = "ONNX file (ORT static QDQ, " + ("MatMul only" if ops else "default ops") + ")"
     return Method("ort-quantize-static", run, runtime="onnxruntime", size_bytes=out.stat().st_size, size_what=what)
 
 
-def nncf_openvino(part: Part, fp32_onnx: Path, batches: list[tuple[torch.Tensor, ...]], transformer: bool) -> Method:
+def nncf_openvino(part: Part, *, transformer: bool) -> Method:
     import nncf
     import openvino as ov
 
-    ov_model = ov.Core().read_model(str(fp32_onnx))
-    feeds = [{n: t.numpy() for n, t in zip(part.names, b)} for b in batches]
+    ov_model = ov.Core().read_model(str(part.fp32_onnx))
+    feeds = [{n: t.numpy() for n, t in zip(part.names, b)} for b in part.calib]
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,8 +216,7 @@ def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- timing
 
 
-def time_part(part: Part, inputs: tuple[torch.Tensor, ...], batch: int, rounds: int, metrics: dict[str, Any],
-              fp32_bytes: int) -> dict[str, float]:
+def time_part(part: Part, inputs: tuple[torch.Tensor, ...], batch: int, rounds: int, metrics: dict[str, Any]) -> dict[str, float]:
     log(f"{part.name}: timing {len(part.methods)} methods at batch {batch}, {rounds} rounds")
     samples, stats = timed_rounds(part.methods, inputs, rounds=rounds, settle=True, seed=batch)
     lat = {m.name: latency_from_samples(samples[m.name], runtime=m.runtime, batch=batch, threads=THREADS, warmup=WARMUP)
@@ -221,7 +228,7 @@ def time_part(part: Part, inputs: tuple[torch.Tensor, ...], batch: int, rounds: 
         emit({"bench": "quant", "part": part.name, "method": m.name, "batch": batch, "threads": THREADS,
               "runtime": m.runtime, "p50_ms": round(lat[m.name].p50_ms, 3), "p90_ms": round(lat[m.name].p90_ms, 3),
               "ratio_vs_fp32_eager": round(ratios[m.name], 4), "size_bytes": m.size_bytes,
-              "size_ratio": round(m.size_bytes / fp32_bytes, 4), "metrics": metrics.get(m.name, {}),
+              "size_ratio": round(m.size_bytes / part.fp32_bytes, 4), "metrics": metrics.get(m.name, {}),
               "runs": lat[m.name].runs, "size_what": m.size_what})
     emit({"bench": "quant", "part": part.name, "batch": batch, "timing": True, **stats})
     return ratios
@@ -241,11 +248,11 @@ def evaluate(part: Part, score: Callable[[Any], dict[str, float]]) -> dict[str, 
     return out
 
 
-def summary_line(part: str, summaries: dict[str, list[dict[str, Any]]]) -> None:
+def summary_line(part: Part) -> None:
     """What pared's steps reported (auto's choices, kept-float layers, CLE pairs), per variant."""
     keep = ("technique", "calibration_choice", "outlier_fallback", "kept_float", "pairs", "bias_corrected", "smoothed")
-    emit({"bench": "quant", "part": part, "pared_steps": {
-        name: [{k: v for k, v in step.items() if k in keep} for step in steps] for name, steps in summaries.items()}})
+    emit({"bench": "quant", "part": part.name, "pared_steps": {
+        name: [{k: v for k, v in step.items() if k in keep} for step in steps] for name, steps in part.summaries.items()}})
 
 
 # --------------------------------------------------------------------------- parts
@@ -253,34 +260,22 @@ def summary_line(part: str, summaries: dict[str, list[dict[str, Any]]]) -> None:
 
 def run_minilm(rounds: int, quick: bool, scratch: Path) -> None:
     task = MiniLMTask(n_eval=64) if quick else MiniLMTask()
-    part = Part("minilm", scratch, task.input_names())
     fp32 = task.model()
-    example, axes = task.example_inputs(8), task.dynamic_axes()
-    calib = list(task.calibration())
-    fp32_bytes = safetensors_bytes(fp32, scratch)
-    part.methods.append(Method(BASELINE, make_runner("torch", model=fp32, threads=THREADS), runtime="torch",
-                               size_bytes=fp32_bytes, size_what="safetensors state_dict (fp32)"))
-    fp32_onnx = scratch / "minilm_fp32.onnx"
-    export_onnx(fp32, example, fp32_onnx, input_names=part.names, dynamic_axes=axes)
-    summaries: dict[str, list[dict[str, Any]]] = {}
-
-    def pared_variant(name: str, configs: list[Any], runtimes: tuple[str, ...]) -> list[Method]:
-        model, summaries[name] = pared_compressed(fp32, configs, calib)
-        return onnx_methods(part, name, model, example, axes, runtimes)
-
+    part = Part("minilm", scratch, task.input_names(), fp32, list(task.calibration()), task.example_inputs(8),
+                task.dynamic_axes())
     recipe = load_recipe("int8")
-    auto = [dataclasses.replace(c, calibration="auto") if isinstance(c, Int8Config) else c for c in recipe]
-    part.attempt("pared-int8", lambda: pared_variant("pared-int8", recipe, ("openvino", "onnxruntime")))
-    part.attempt("pared-auto-int8", lambda: pared_variant("pared-auto-int8", auto, ("openvino",)))
-    part.attempt("ort-quantize-dynamic", lambda: ort_dynamic(part, fp32_onnx))
-    part.attempt("ort-quantize-static", lambda: ort_static(part, fp32_onnx, calib, ["MatMul"]))
+    part.pared("pared-int8", recipe, ("openvino", "onnxruntime"))
+    part.pared("pared-auto-int8", [dataclasses.replace(c, calibration="auto") if isinstance(c, Int8Config) else c
+                                   for c in recipe])
+    part.attempt("ort-quantize-dynamic", lambda: ort_dynamic(part))
+    part.attempt("ort-quantize-static", lambda: ort_static(part, ["MatMul"]))
     part.attempt("torchao-int8-dyn-eager", lambda: torchao_dynamic(fp32, task.example_inputs(1)))
-    part.attempt("nncf-openvino", lambda: nncf_openvino(part, fp32_onnx, calib, transformer=True))
+    part.attempt("nncf-openvino", lambda: nncf_openvino(part, transformer=True))
     log("minilm: fp32 reference embeddings")
     task.reference_embeddings()
     metrics = evaluate(part, task.evaluate)
-    summary_line("minilm", summaries)
-    ratios = {b: time_part(part, task.example_inputs(b), b, rounds, metrics, fp32_bytes) for b in (1, 8)}
+    summary_line(part)
+    ratios = {b: time_part(part, task.example_inputs(b), b, rounds, metrics) for b in (1, 8)}
     sizes = {m.name: m.size_bytes for m in part.methods}
     acceptance_minilm(ratios, metrics, sizes)
 
@@ -319,36 +314,22 @@ def logits_fidelity(fp32: nn.Module, images: torch.Tensor) -> Callable[[Any], di
 
 
 def run_resnet(rounds: int, scratch: Path) -> None:
-    part = Part("resnet", scratch, ["x"])
-    torch.set_num_threads(THREADS)
     fp32 = resnet18_layout(32, 1000)
     gen = torch.Generator().manual_seed(0)
     calib = [(torch.randn(4, 3, 224, 224, generator=gen),) for _ in range(8)]
     held_out = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    example, axes = (held_out[:1],), {"x": {0: "batch"}}
-    fp32_bytes = safetensors_bytes(fp32, scratch)
-    part.methods.append(Method(BASELINE, make_runner("torch", model=fp32, threads=THREADS), runtime="torch",
-                               size_bytes=fp32_bytes, size_what="safetensors state_dict (fp32)"))
-    fp32_onnx = scratch / "resnet_fp32.onnx"
-    export_onnx(fp32, example, fp32_onnx, input_names=part.names, dynamic_axes=axes)
-    summaries: dict[str, list[dict[str, Any]]] = {}
-
-    def pared_variant(name: str, configs: list[Any], runtimes: tuple[str, ...]) -> list[Method]:
-        model, summaries[name] = pared_compressed(fp32, configs, calib)
-        return onnx_methods(part, name, model, example, axes, runtimes)
-
-    part.attempt("pared-int8", lambda: pared_variant("pared-int8", load_recipe("int8-static"), ("openvino", "onnxruntime")))
-    part.attempt("pared-cle-bc-int8", lambda: pared_variant(
-        "pared-cle-bc-int8", [CrossLayerEqualizationConfig(), Int8Config(bias_correction=True)], ("openvino",)))
+    part = Part("resnet", scratch, ["x"], fp32, calib, (held_out[:1],), {"x": {0: "batch"}})
+    part.pared("pared-int8", load_recipe("int8-static"), ("openvino", "onnxruntime"))
+    part.pared("pared-cle-bc-int8", [CrossLayerEqualizationConfig(), Int8Config(bias_correction=True)])
     part.skip("ort-quantize-dynamic", "dynamic quantization of convolutions (ConvInteger) is not a speed option: "
                                       "4.1x slower than fp32 on digits in bench_int8")
-    part.attempt("ort-quantize-static", lambda: ort_static(part, fp32_onnx, calib, None))
+    part.attempt("ort-quantize-static", lambda: ort_static(part, None))
     part.skip("torchao-int8-dyn-eager", "Int8DynamicActivationInt8WeightConfig quantizes Linear layers only "
                                         "(here the classifier alone)")
-    part.attempt("nncf-openvino", lambda: nncf_openvino(part, fp32_onnx, calib, transformer=False))
+    part.attempt("nncf-openvino", lambda: nncf_openvino(part, transformer=False))
     metrics = evaluate(part, logits_fidelity(fp32, held_out))
-    summary_line("resnet", summaries)
-    ratios = {b: time_part(part, (held_out[:b] if b <= 32 else held_out,), b, rounds, metrics, fp32_bytes) for b in (16, 1)}
+    summary_line(part)
+    ratios = {b: time_part(part, (held_out[:b],), b, rounds, metrics) for b in (16, 1)}
     checks: dict[str, Any] = {}
     for name in ("pared-int8-openvino", "pared-cle-bc-int8-openvino"):
         if name in ratios[16]:
@@ -361,28 +342,15 @@ def run_resnet(rounds: int, scratch: Path) -> None:
 
 def run_digits(scratch: Path) -> None:
     task = DigitsTask()
-    part = Part("digits", scratch, task.input_names())
-    fp32 = task.model()
-    calib = list(task.calibration())
-    example, axes = task.example_inputs(64), task.dynamic_axes()
-    part.methods.append(Method(BASELINE, make_runner("torch", model=fp32, threads=THREADS), runtime="torch",
-                               size_bytes=0, size_what=""))
-    fp32_onnx = scratch / "digits_fp32.onnx"
-    export_onnx(fp32, example, fp32_onnx, input_names=part.names, dynamic_axes=axes)
-    summaries: dict[str, list[dict[str, Any]]] = {}
-
-    def pared_variant(name: str, configs: list[Any]) -> list[Method]:
-        model, summaries[name] = pared_compressed(fp32, configs, calib)
-        return onnx_methods(part, name, model, example, axes, ("openvino",))
-
-    part.attempt("pared-int8", lambda: pared_variant("pared-int8", [Int8Config()]))
-    part.attempt("pared-cle-bc-int8", lambda: pared_variant(
-        "pared-cle-bc-int8", [CrossLayerEqualizationConfig(), Int8Config(bias_correction=True)]))
-    part.attempt("pared-auto-int8", lambda: pared_variant("pared-auto-int8", [Int8Config(calibration="auto")]))
-    part.attempt("ort-quantize-static", lambda: ort_static(part, fp32_onnx, calib, None))
-    part.attempt("nncf-openvino", lambda: nncf_openvino(part, fp32_onnx, calib, transformer=False))
+    part = Part("digits", scratch, task.input_names(), task.model(), list(task.calibration()),
+                task.example_inputs(64), task.dynamic_axes())
+    part.pared("pared-int8", [Int8Config()])
+    part.pared("pared-cle-bc-int8", [CrossLayerEqualizationConfig(), Int8Config(bias_correction=True)])
+    part.pared("pared-auto-int8", [Int8Config(calibration="auto")])
+    part.attempt("ort-quantize-static", lambda: ort_static(part, None))
+    part.attempt("nncf-openvino", lambda: nncf_openvino(part, transformer=False))
     metrics = evaluate(part, task.evaluate)
-    summary_line("digits", summaries)
+    summary_line(part)
     base = metrics[BASELINE]["accuracy"]
     for name, m in metrics.items():
         emit({"bench": "quant", "part": "digits", "method": name, "metrics": m,
