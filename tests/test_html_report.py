@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from pared.apply import compress_
 from pared.cli import main
+from pared.errors import InputRefused
 from pared.html_report import write_report
 from pared.pipeline import compress_task
 from pared.plots import front_2d
@@ -196,6 +197,43 @@ def test_front_2d_is_exactly_the_non_dominated_set(points: list[tuple[float, flo
     for i in set(range(len(points))) - set(front):
         assert any(dominates(points[j], points[i]) for j in front) or points[i] in [points[j] for j in front]
     assert [points[i][0] for i in front] == sorted(points[i][0] for i in front)
+
+
+def _small_search() -> dict:
+    trials = [{"number": n, "state": "COMPLETE", "params": {"b": n}, "feasible": n > 0, "pareto": n == 2,
+               "metrics": {"accuracy": 90.0 + n, "latency_ratio": 0.2 * (n + 1), "size_bytes": 1000 * (n + 1), "energy_j": 0.1 * n}}
+              for n in range(3)]
+    return {"task": "t", "objectives": [{"name": "accuracy", "direction": "maximize"}], "constraints": [],
+            "baseline": {"metrics": {"accuracy": 93.0}, "latency_ms": 2.0, "size_bytes": 4000, "energy_j": 0.5},
+            "trials": trials, "peers": [{"name": "p", "metrics": {"accuracy": 91.0, "latency_ratio": 0.5}}],
+            "sensitivity": {"fc": {"int8": 0.1}}}
+
+
+MUTATION_PATHS = [("task",), ("objectives",), ("objectives", 0), ("objectives", 0, "direction"), ("baseline",),
+                  ("baseline", "metrics"), ("baseline", "size_bytes"), ("trials",), ("trials", 1), ("trials", 1, "metrics"),
+                  ("trials", 1, "number"), ("trials", 2, "recipe"), ("trials", 2, "params"), ("peers",), ("peers", 0),
+                  ("peers", 0, "metrics"), ("sensitivity",), ("sensitivity", "fc"), ("constraints",)]
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=6)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(MUTATION_PATHS), JSON_VALUES)
+def test_mutated_search_json_renders_or_is_refused_in_one_line(path: tuple, value: object) -> None:
+    doc = _small_search()
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "search.json").write_text(json.dumps(doc), encoding="utf-8")
+        try:
+            written = write_report(folder)
+        except InputRefused as exc:
+            assert "\n" not in str(exc) and not (Path(folder) / "report.html").exists()
+        else:
+            assert written["files"][0].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def _bad_folders(root: Path) -> dict[str, tuple[Path, int, str]]:

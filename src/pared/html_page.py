@@ -114,7 +114,8 @@ class Page:
         rows = list(rows)
         classes = list(row_classes or [""] * len(rows))
         body = "".join(
-            f"<tr{f' class={chr(34)}{c}{chr(34)}' if c else ''}>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
+            (f'<tr class="{html.escape(c, quote=True)}">' if c else "<tr>")
+            + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
             for row, c in zip(rows, classes, strict=True)
         )
         table = (f'<table data-table="{html.escape(name, quote=True)}"><thead><tr>'

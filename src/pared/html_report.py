@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pared import plots
 from pared.atomic import atomic_write_text
 from pared.errors import EnvironmentIOError, InputRefused, UsageError
 from pared.html_page import Figure, Page, fmt, md_table
@@ -49,14 +50,22 @@ def write_report(directory: str | Path) -> dict[str, Path]:
     if not directory.is_dir():
         raise UsageError(f"not a directory: {directory} (pass the --out folder of pared compress or pared search)")
     if (directory / "search.json").is_file():
-        from pared.search_report import render_search  # the search page pulls in more figures
+        from pared.search_report import render_search  # here: search_report imports this module
 
-        kind, (page, markdown, summary) = "search", render_search(directory, load_json(directory / "search.json"))
+        kind, source = "search", directory / "search.json"
     elif (directory / "report.json").is_file():
-        kind, (page, markdown) = "compress", render_compress(directory, load_json(directory / "report.json"))
-        summary = None  # report.json is the compress job's own record: never rewritten
+        kind, source = "compress", directory / "report.json"
     else:
         raise UsageError(f"{directory} has neither search.json nor report.json: not a pared compress or search output")
+    data = load_json(source)
+    try:
+        if kind == "search":
+            page, markdown, summary = render_search(directory, data)
+        else:
+            (page, markdown), summary = render_compress(directory, data), None  # report.json stays the job's record
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        # The checks above name the usual problems; anything else odd in the file ends here, as one line.
+        raise InputRefused(f"{source}: unusable content ({type(exc).__name__}: {exc})") from None
     contents = {"report.html": page, "report.md": markdown}
     if summary is not None:
         contents["report.json"] = json.dumps(summary, indent=2, allow_nan=False, default=_json_default)
@@ -111,8 +120,6 @@ def render_compress(directory: Path, report: dict[str, Any]) -> tuple[str, str]:
     """(HTML, Markdown) of a ``pared compress`` report.json."""
     path = directory / "report.json"
     _check_compress(report, path)
-    from pared import plots
-
     task, recipe = report["task"], require(report, path, "recipe", "name")
     base, comp = report["baseline"], report["compressed"]
     page = Page(f"pared report: {task} with recipe {recipe}")
@@ -157,8 +164,6 @@ def render_compress(directory: Path, report: dict[str, Any]) -> tuple[str, str]:
 
 def add_weight_figures(page: Page, weights: Any, *, source: str) -> None:
     """Histogram and per-layer SQNR figures, when report.json carries ``weights`` (older ones do not)."""
-    from pared import plots
-
     layers = weights.get("layers") if isinstance(weights, dict) else None
     if not isinstance(layers, dict) or not layers or not all(_valid_layer(e) for e in layers.values()):
         page.note("No per-layer weight statistics in this report.json (written by an older pared, or no weighted layer).")
@@ -181,11 +186,6 @@ def _check_compress(report: dict[str, Any], path: Path) -> None:
         numbers = [report[side][k] for k in ("size_bytes", "params", "macs")] + [report[side]["latency_ms"]["p50"]]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             raise InputRefused(f"{path}: {side} has a non-numeric size, params, MACs or latency")
-    try:
-        before_after_rows(report)
-        measurement_notes(report)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise InputRefused(f"{path}: unusable field ({type(exc).__name__}: {exc})") from None
 
 
 def _compress_ratios(base: dict[str, Any], comp: dict[str, Any]) -> dict[str, float]:

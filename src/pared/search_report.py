@@ -16,7 +16,15 @@ from typing import Any
 from pared import plots
 from pared.errors import InputRefused
 from pared.html_page import Figure, Page, Raw, md_table
-from pared.html_report import COST_KEYS, PARETO_AXES, add_weight_figures, load_json, number, require, safe_link
+from pared.html_report import (
+    COST_KEYS,
+    PARETO_AXES,
+    add_weight_figures,
+    load_json,
+    number,
+    require,
+    safe_link,
+)
 from pared.report import measurement_notes
 
 STATES = ("COMPLETE", "FAIL", "PRUNED")
