@@ -15,29 +15,10 @@ from pared.config import config_from_dict, config_to_dict
 from pared.errors import UsageError
 from pared.prune.heads import TransformerPruneConfig
 from pared.student import DropLayersConfig, drop_layers, kept_layers, layer_stack
+from pared.testing.bert import tiny_bert, token_batch
 from pared.testing.models import tiny_mlp
 
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_bert(layers: int = 4, hidden: int = 32, seed: int = 0) -> nn.Module:
-    """A ``layers``-deep hidden-32 BERT (vocab 100) inside ``SentenceEncoder``."""
-    from pared.tasks.minilm import SentenceEncoder
-
-    config = transformers.BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                     intermediate_size=2 * hidden, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        bert = transformers.BertModel(config, add_pooling_layer=False)
-    return SentenceEncoder(bert).eval()
-
-
-def bert_inputs(batch: int = 3, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(1, 100, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, 7:] = 0
-    return ids * mask, mask
+pytest.importorskip("transformers")
 
 
 class Block(nn.Module):
@@ -96,7 +77,7 @@ def test_bert_student_keeps_the_teacher_layers() -> None:
     assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
     with torch.no_grad():
-        out = student(*bert_inputs())
+        out = student(*token_batch(3, seed=5))
     assert out.shape == (3, 32) and torch.isfinite(out).all()
 
 
@@ -104,7 +85,7 @@ def test_keeping_every_layer_changes_nothing() -> None:
     teacher = tiny_bert()
     student = compress_(copy.deepcopy(teacher), DropLayersConfig(keep=(0, 1, 2, 3)))
     with torch.no_grad():
-        assert torch.allclose(student(*bert_inputs()), teacher(*bert_inputs()), atol=1e-6)
+        assert torch.allclose(student(*token_batch(3, seed=5)), teacher(*token_batch(3, seed=5)), atol=1e-6)
 
 
 def test_sequential_stack_and_root_stack() -> None:
@@ -137,11 +118,11 @@ def test_narrower_student_chains_with_head_pruning(tmp_path) -> None:
     """Layer dropping then head/FFN pruning: a shallower and narrower student that reloads."""
     teacher = tiny_bert()
     recipe = [DropLayersConfig(every=2), TransformerPruneConfig(head_ratio=0.5, ffn_ratio=0.5)]
-    ctx = Context(calib=[bert_inputs()])
+    ctx = Context(calib=[token_batch(3, seed=5)])
     student = compress_(copy.deepcopy(teacher), recipe, context=ctx)
     assert len(student.bert.encoder.layer) == 2
     assert student.bert.encoder.layer[0].attention.self.query.out_features == 16
     save_artefact(student, tmp_path, recipe=recipe, source=None, structure=ctx.structure)
     reloaded = load_artefact(tmp_path, model=tiny_bert())
     with torch.no_grad():
-        assert torch.equal(reloaded(*bert_inputs()), student(*bert_inputs()))
+        assert torch.equal(reloaded(*token_batch(3, seed=5)), student(*token_batch(3, seed=5)))
