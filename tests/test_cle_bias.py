@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pared.apply import Context, compress_
+from pared.artefact import load_artefact, save_artefact
 from pared.config import config_from_dict, config_to_dict
 from pared.errors import UsageError
 from pared.quant import CrossLayerEqualizationConfig, Int8Config, QuantConv2d, QuantLinear
 from pared.quant.bias_correction import mean_input_for, output_shift
 from pared.quant.cle import equalization_scales, equalize_pair_, find_pairs, range_spread
+from pared.recipe import load_recipe
 from pared.tasks.digits import DigitsTask
 from pared.testing.models import random_batches
 from pared.testing.resnet import tiny_resnet
@@ -204,12 +206,20 @@ def test_cle_and_bias_correction_no_worse_on_resnet_layout() -> None:
     assert _rel_mse(both, ref) <= _rel_mse(plain, ref)
 
 
-def test_cle_and_bias_correction_no_worse_on_digits(digits_fp32: nn.Module) -> None:
+def test_cle_and_bias_correction_no_worse_on_digits(digits_fp32: nn.Module, tmp_path) -> None:
     task = DigitsTask()
+    recipe = load_recipe("int8-cnn")
+    assert [type(c) for c in recipe] == [CrossLayerEqualizationConfig, Int8Config] and recipe[1].bias_correction
     plain = compress_(copy.deepcopy(digits_fp32), Int8Config(), calib=task.calibration())
-    both = compress_(copy.deepcopy(digits_fp32), [CrossLayerEqualizationConfig(), Int8Config(bias_correction=True)],
-                     calib=task.calibration())
+    ctx = Context(calib=task.calibration())
+    both = compress_(copy.deepcopy(digits_fp32), recipe, context=ctx)
     base = task.evaluate(digits_fp32)["accuracy"]
     acc_plain, acc_both = task.evaluate(plain)["accuracy"], task.evaluate(both)["accuracy"]
     assert acc_both >= acc_plain
     assert base - acc_both <= 0.3
+    # the artefact replays CLE's folding and the added biases, then loads bit-identically
+    save_artefact(both, tmp_path, recipe=recipe, source={"kind": "builtin", "name": "digits"}, structure=ctx.structure)
+    loaded = load_artefact(tmp_path)
+    x = task.example_inputs(16)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), both(x))
