@@ -18,7 +18,7 @@ from pared.errors import InputRefused
 from pared.testing.fuzz import TARGETS, Target, _peak_rss_mb, check_one, fuzz, main, mutate, next_input
 
 # Inputs per loader in the normal suite: each target stays within a few seconds.
-EXAMPLES = {"safetensors": 300, "torch-pickle": 200, "onnx": 150, "artefact": 150, "prdc": 300, "recipe": 300,
+EXAMPLES = {"safetensors": 200, "torch-pickle": 150, "onnx": 100, "artefact": 100, "prdc": 200, "recipe": 200,
             "hf-config": 60}  # fmt: skip
 
 

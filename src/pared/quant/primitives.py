@@ -44,13 +44,16 @@ def choose_qparams(
     # float64: a float32 range spanning more than float32's maximum would overflow to inf.
     min_val = torch.clamp(torch.nan_to_num(min_val.double(), nan=0.0, posinf=0.0, neginf=0.0), max=0.0)
     max_val = torch.clamp(torch.nan_to_num(max_val.double(), nan=0.0, posinf=0.0, neginf=0.0), min=0.0)
+    # Every code is at most qmax - qmin steps from the zero point: this cap keeps every
+    # dequantized value finite too, not just the scale.
+    max_scale = _MAX_SCALE / (qmax - qmin)
     if symmetric:
         bound = torch.maximum(-min_val, max_val)
         half = (qmax - qmin) // 2
-        scale = torch.clamp(bound / half, min=MIN_SCALE, max=_MAX_SCALE)
+        scale = torch.clamp(bound / half, min=MIN_SCALE, max=max_scale)
         zp = torch.full_like(scale, 0 if signed else (qmax + qmin + 1) // 2, dtype=torch.int32)
     else:
-        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE, max=_MAX_SCALE)
+        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=MIN_SCALE, max=max_scale)
         zp = torch.clamp(torch.round(qmin - min_val / scale), qmin, qmax).to(torch.int32)
     return scale.float(), zp
 
