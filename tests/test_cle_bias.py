@@ -196,8 +196,8 @@ def test_bias_correction_needs_calibration_data() -> None:
 def test_cle_and_bias_correction_no_worse_on_resnet_layout() -> None:
     fp32 = tiny_resnet()
     gen = torch.Generator().manual_seed(0)
-    calib = [(torch.randn(8, 3, 32, 32, generator=gen),) for _ in range(4)]
-    held_out = torch.randn(32, 3, 32, 32, generator=gen)
+    calib = [(torch.randn(8, 3, 32, 32, generator=gen),) for _ in range(2)]
+    held_out = torch.randn(16, 3, 32, 32, generator=gen)
     with torch.no_grad():
         ref = fp32(held_out)
         plain = compress_(copy.deepcopy(fp32), Int8Config(), calib=calib)(held_out)
