@@ -31,6 +31,7 @@ from pared.errors import InputRefused
 from pared.html_report import write_report
 from pared.pipeline import compress_task
 from pared.plots import front_2d
+from pared.prune.sensitivity import save_sensitivity
 from pared.prune.structured import ChannelPruneConfig
 from pared.quant import Int8Config, SmoothQuantConfig
 from pared.recipe import load_recipe
@@ -114,6 +115,17 @@ def test_compress_report_is_self_contained_and_keeps_report_json(compress_dir: P
     assert "estimated:horowitz2014" in page or "measured:rapl" in page  # energy method from report.json
     markdown = (compress_dir / "report.md").read_text(encoding="utf-8")
     assert "## Per-layer weights" in markdown and "classifier.3" in markdown
+
+
+def test_compress_report_adds_pruning_sensitivity_when_saved(compress_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "with-sensitivity"
+    shutil.copytree(compress_dir, folder)
+    result = {"metric": "accuracy", "baseline": 99.1, "ratios": [0.25, 0.5], "higher_is_better": True,
+              "technique": "prune_channels", "layers": {"features.0": {"channels": 16, "drops": {"0.25": 0.1, "0.5": 0.9}},
+                                                        "features.3": {"channels": 32, "drops": {"0.25": 0.0, "0.5": 0.2}}}}
+    save_sensitivity(result, folder)
+    write_report(folder)
+    assert _figures((folder / "report.html").read_text(encoding="utf-8")) == ["ratios", "histograms", "layer-error", "sensitivity"]
 
 
 def test_search_report_pareto_table_and_escaping(search_dir: Path) -> None:

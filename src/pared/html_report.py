@@ -16,7 +16,7 @@ from typing import Any
 
 from pared import plots
 from pared.atomic import atomic_write_text
-from pared.errors import EnvironmentIOError, InputRefused, UsageError
+from pared.errors import EnvironmentIOError, InputRefused, ParedError, UsageError
 from pared.html_page import Figure, Page, fmt, md_table
 from pared.plots import finite
 from pared.report import before_after_rows, measurement_notes, render_markdown
@@ -32,7 +32,7 @@ COST_KEYS = {"latency_ms", "latency_ratio", "size_bytes", "size_ratio", "macs", 
 _SAFE_LINK = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 
-def write_report(directory: str | Path) -> dict[str, Path]:
+def write_report(directory: str | Path) -> dict[str, Any]:
     """Render DIR's results to ``report.html``, ``report.md`` and (for a search) ``report.json``.
 
     Returns:
@@ -50,19 +50,22 @@ def write_report(directory: str | Path) -> dict[str, Path]:
     if not directory.is_dir():
         raise UsageError(f"not a directory: {directory} (pass the --out folder of pared compress or pared search)")
     if (directory / "search.json").is_file():
-        from pared.search_report import render_search  # here: search_report imports this module
-
         kind, source = "search", directory / "search.json"
     elif (directory / "report.json").is_file():
         kind, source = "compress", directory / "report.json"
     else:
         raise UsageError(f"{directory} has neither search.json nor report.json: not a pared compress or search output")
     data = load_json(source)
+    # Imported here, not at the top, because search_report imports this module.
+    from pared.search_report import render_search
+
     try:
         if kind == "search":
             page, markdown, summary = render_search(directory, data)
         else:
             (page, markdown), summary = render_compress(directory, data), None  # report.json stays the job's record
+    except ParedError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as exc:
         # The checks above name the usual problems; anything else odd in the file ends here, as one line.
         raise InputRefused(f"{source}: unusable content ({type(exc).__name__}: {exc})") from None
