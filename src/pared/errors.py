@@ -1,9 +1,10 @@
 """Error types and the exit codes the CLI maps them to.
 
-One scheme for the whole project (documented in the README):
+One scheme for the whole project (docs/reliability.md, "Exit codes and error types"):
 0 ok, 1 internal error (a bug), 2 usage or configuration error, 3 input refused
 (unsafe, invalid or corrupt model/data file), 4 quality gate failed, 5 environment
-or I/O (disk full, permission), 130 interrupted.
+or I/O (disk full, permission, out of memory), 130 interrupted. ``pared.cli.main`` prints
+one line per error and the traceback only with ``--debug``.
 """
 
 from __future__ import annotations

@@ -219,7 +219,8 @@ def _quality_gate(task: Task, report: dict[str, Any], max_drop: float | None, al
     before, after = report["baseline"]["metrics"][key], report["compressed"]["metrics"][key]
     report["quality_gate"] = {"metric": key, "max_drop": max_drop, "passed": before - after <= max_drop}
     if before - after > max_drop and not allow_regression:
-        raise QualityGateFailed(f"{key} dropped from {before:.4f} to {after:.4f}, more than max_drop={max_drop}")
+        # Enough digits that a small drop never prints as "from 1.0000 to 1.0000".
+        raise QualityGateFailed(f"{key} dropped from {before:.6g} to {after:.6g} (by {before - after:.3g}), more than max_drop={max_drop}")
 
 
 def _format_of(path: Path) -> str:
