@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import resource
@@ -123,6 +124,7 @@ def _saving_forever(out: Path, variants, *, start: int) -> Callable[[], None]:
 
 
 def test_100_sigkills_during_saves_leave_previous_version_or_nothing(tmp_path: Path, variants) -> None:
+    started = time.perf_counter()
     rng = random.Random(29)
     window = 2 * _save_seconds(tmp_path, variants)  # kills land before, during and between saves
     out = tmp_path / "out"
@@ -144,6 +146,9 @@ def test_100_sigkills_during_saves_leave_previous_version_or_nothing(tmp_path: P
             version = _check_complete(out, variants)
             assert version >= last
             last = version
+    # One JSON line for docs/benchmarks.md (visible with pytest -s); every check above passed.
+    print(json.dumps({"kill_test": {"sigkills": 100, "saves_completed": last + 1, "kills_mid_write": kills_mid_write,
+                                    "corrupt_or_lost": 0, "seconds": round(time.perf_counter() - started, 1)}}))
     assert last >= 20, f"only {last + 1} saves completed: the kills exercised too little"
     assert kills_mid_write >= 10, "too few kills landed mid-write"
 
