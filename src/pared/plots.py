@@ -112,7 +112,7 @@ def histograms_png(layers: dict[str, dict[str, Any]], *, panels: int = 6) -> byt
     names = ["all layers", *biggest]
     cols = 3
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(FIGSIZE[0] + 1.4, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(FIGSIZE[0] + 1.4, 2.6 * rows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names, strict=False):
@@ -123,7 +123,7 @@ def histograms_png(layers: dict[str, dict[str, Any]], *, panels: int = 6) -> byt
             _hist_panel(ax, entry["edges"], entry["before"], entry["after"])
             sqnr = entry.get("sqnr_db")
             extra = f", SQNR {sqnr:.1f} dB" if finite(sqnr) else ""
-            ax.set_title(f"{_short(name)} ({entry['numel_before']:,}{extra})", fontsize=8)
+            ax.set_title(f"{_short(name)}\n{entry['numel_before']:,} weights{extra}", fontsize=7.5)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("Weight histograms (log count): fp32 before, compressed after", fontsize=10)
     return _png(fig)
@@ -199,7 +199,7 @@ def _pooled_panel(ax: Any, layers: dict[str, dict[str, Any]]) -> None:
             before[slot] += e["before"][k]
             after[slot] += e["after"][k]
     _hist_panel(ax, grid, before, after)
-    ax.set_title(f"all {len(layers)} layers", fontsize=8)
+    ax.set_title(f"all {len(layers)} layers\npooled", fontsize=7.5)
 
 
 def _short(name: str, width: int = 28) -> str:
