@@ -282,3 +282,42 @@ def test_nan_calibration_refused_for_every_method() -> None:
 def test_unmatched_rule_refused() -> None:
     with pytest.raises(UsageError, match="fc9"):
         compress_(tiny_mlp(), Int8Config(calibration="auto", exclude=("fc9",)), calib=random_batches((4, 16)))
+
+
+# ------------------------------------------------------------------ artefact size
+
+
+def test_embedding_scales_are_float16_and_finite_for_extreme_rows() -> None:
+    emb = nn.Embedding(4, 8)
+    with torch.no_grad():
+        emb.weight[0] = 1e-30  # below float16's range: the row becomes zeros, never NaN
+        emb.weight[1] = 1e30  # above it: the row saturates, never inf
+        emb.weight[2] = 0.0
+    model = nn.Sequential(emb, nn.Linear(8, 2)).eval()
+    ids = torch.tensor([[0, 1, 2, 3]])
+    q = compress_(copy.deepcopy(model), Int8Config(), calib=[(ids,)])
+    scale = q[0].weight_scale
+    assert scale.dtype == torch.float16 and torch.isfinite(scale).all() and (scale > 0).all()
+    out = q[0](ids)
+    assert torch.isfinite(out).all() and torch.equal(out[0, 2], torch.zeros(8))
+    row = emb.weight[3].detach()
+    assert torch.allclose(out[0, 3], row, atol=float(row.abs().max()) / 127)
+
+
+def test_export_drops_path_like_names_but_keeps_parameter_names(tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from pared.onnx_export import export_onnx
+
+    model = tiny_mlp()
+    q = compress_(copy.deepcopy(model), Int8Config(), calib=random_batches((8, 16)))
+    x = random_batches((4, 16), 1, seed=9)[0][0]
+    path = export_onnx(q, (x,), tmp_path / "m.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    graph = onnx.load(str(path)).graph
+    assert all(not n.name for n in graph.node)
+    assert not any(v.startswith("/") for n in graph.node for v in (*n.input, *n.output))
+    assert "0.weight_scale" in {i.name for i in graph.initializer}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]), q(x), atol=1e-5)
