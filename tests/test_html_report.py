@@ -128,6 +128,20 @@ def test_compress_report_adds_pruning_sensitivity_when_saved(compress_dir: Path,
     assert _figures((folder / "report.html").read_text(encoding="utf-8")) == ["ratios", "histograms", "layer-error", "sensitivity"]
 
 
+def test_cli_renders_a_report_json_without_weight_statistics(compress_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "older"
+    shutil.copytree(compress_dir, folder)
+    report = json.loads((folder / "report.json").read_text())
+    del report["weights"]  # as written before pared recorded them
+    (folder / "report.json").write_text(json.dumps(report))
+    monkeypatch.setattr(sys, "argv", ["pared", "report", str(folder)])
+    main()
+    assert capsys.readouterr().out.startswith(f"compress report: wrote {folder / 'report.html'}")
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert _figures(page) == ["ratios"] and "No per-layer weight statistics" in page
+
+
 def test_search_report_pareto_table_and_escaping(search_dir: Path) -> None:
     written = write_report(search_dir)
     assert written["kind"] == "search" and [p.name for p in written["files"]] == ["report.html", "report.md", "report.json"]
