@@ -45,7 +45,9 @@ def test_embedding_and_hidden_losses() -> None:
     s = t.clone()
     s[0, 3:] += 100.0  # only padded positions differ
     assert hidden_state_loss(s, t, mask) < 1e-6 and hidden_state_loss(s, t) > 1.0
-    assert abs(float(hidden_state_loss(torch.zeros_like(t), t)) - 1.0) < 1e-6  # relative to the teacher's energy
+    assert (
+        abs(float(hidden_state_loss(torch.zeros_like(t), t)) - 1.0) < 1e-6
+    )  # relative to the teacher's energy
     with pytest.raises(UsageError, match="do not match"):
         embedding_loss(a, torch.randn(4, 9))
 
@@ -74,7 +76,12 @@ def test_uniform_layer_map() -> None:
 def test_config_round_trip_and_refusals() -> None:
     cfg = DistillConfig(hidden=1.0, attention=0.5, layer_map=(1, 3), steps=5)
     assert config_from_dict(config_to_dict(cfg)) == cfg
-    for kwargs in ({"hidden": -1.0}, {"layer_map": (-1,)}, {"attention": 1.0, "features": ("a",)}, {"lr": 0.0}):
+    for kwargs in (
+        {"hidden": -1.0},
+        {"layer_map": (-1,)},
+        {"attention": 1.0, "features": ("a",)},
+        {"lr": 0.0},
+    ):
         with pytest.raises(UsageError, match="distill|finetune"):
             DistillConfig(**kwargs)
 
@@ -85,7 +92,9 @@ def _agreement(student: nn.Module, task: TokenDistillTask) -> float:
     with torch.no_grad():
         centre = task.targets.mean(dim=0)
         out = student(task.ids, task.mask)
-        return float(nn.functional.cosine_similarity(out - centre, task.targets - centre, dim=-1).mean())
+        return float(
+            nn.functional.cosine_similarity(out - centre, task.targets - centre, dim=-1).mean()
+        )
 
 
 def test_distilling_a_half_depth_student_recovers_the_teacher() -> None:
@@ -93,10 +102,16 @@ def test_distilling_a_half_depth_student_recovers_the_teacher() -> None:
     ctx = Context(task=task)
     student = compress_(task.model(), DropLayersConfig(every=2), context=ctx)
     before = _agreement(student, task)
-    compress_(student, DistillConfig(steps=40, lr=2e-3, hidden=1.0, attention=1.0, **FAST), context=ctx)
+    compress_(
+        student, DistillConfig(steps=40, lr=2e-3, hidden=1.0, attention=1.0, **FAST), context=ctx
+    )
     summary = ctx.summary[-1]
-    assert summary["pairs"] == ["hidden:bert.encoder.layer.0", "attention:bert.encoder.layer.0",
-                                "hidden:bert.encoder.layer.1", "attention:bert.encoder.layer.1"]
+    assert summary["pairs"] == [
+        "hidden:bert.encoder.layer.0",
+        "attention:bert.encoder.layer.0",
+        "hidden:bert.encoder.layer.1",
+        "attention:bert.encoder.layer.1",
+    ]
     assert summary["projections"] == 0 and summary["cached_samples"] == 64
     after = _agreement(student, task)
     assert after > before + 0.02 and after > 0.95, (before, after)
@@ -111,8 +126,13 @@ def test_hidden_and_attention_terms_are_trained() -> None:
 
     def gap() -> float:
         grab = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, o, key=key: grab.__setitem__(key, o))
-                 for key, m in (("s", student.bert.encoder.layer[1]), ("t", teacher.bert.encoder.layer[3]))]
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, o, key=key: grab.__setitem__(key, o))
+            for key, m in (
+                ("s", student.bert.encoder.layer[1]),
+                ("t", teacher.bert.encoder.layer[3]),
+            )
+        ]
         with torch.no_grad():
             student(ids, mask), teacher(ids, mask)
         for h in hooks:
@@ -133,12 +153,26 @@ def test_narrower_student_gets_learned_projections() -> None:
 
     task = TokenDistillTask()
     student = compress_(task.model(), TransformerPruneConfig(head_ratio=0.5, ffn_ratio=0.5))
-    cfg = DistillConfig(steps=5, lr=1e-3, hidden=1.0, features=("bert.encoder.layer.0.intermediate.dense",
-                                                                "bert.encoder.layer.3.intermediate.dense"), **FAST)
+    cfg = DistillConfig(
+        steps=5,
+        lr=1e-3,
+        hidden=1.0,
+        features=(
+            "bert.encoder.layer.0.intermediate.dense",
+            "bert.encoder.layer.3.intermediate.dense",
+        ),
+        **FAST,
+    )
     summary = distill(student, task.model(), task, cfg, progress=False)
     assert summary["projections"] == 2
     assert not any("projections" in k for k in student.state_dict())  # projections are not kept
-    summary = distill(student, task.model(), task, DistillConfig(steps=5, lr=1e-3, attention=1.0, **FAST), progress=False)
+    summary = distill(
+        student,
+        task.model(),
+        task,
+        DistillConfig(steps=5, lr=1e-3, attention=1.0, **FAST),
+        progress=False,
+    )
     assert len(summary["pairs"]) == 4 and summary["projections"] == 0
 
 
@@ -147,19 +181,31 @@ def test_teacher_cache_skips_the_teacher_and_changes_nothing() -> None:
     results = {}
     for cache in (True, False):
         teacher, calls = task.model(), []
-        teacher.register_forward_hook(lambda *_: calls.append(1))
+        teacher.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         student = tiny_bert(layers=2, seed=1)
         # SGD: Adam's per-weight normalisation would amplify float noise of the padding
-        cfg = DistillConfig(epochs=3, lr=1e-2, hidden=1.0, attention=1.0, batch_size=8, optimizer="sgd",
-                            train_mode=False, cache_teacher=cache)
+        cfg = DistillConfig(
+            epochs=3,
+            lr=1e-2,
+            hidden=1.0,
+            attention=1.0,
+            batch_size=8,
+            optimizer="sgd",
+            train_mode=False,
+            cache_teacher=cache,
+        )
         distill(student, teacher, task, cfg, progress=False)
         results[cache] = (student.state_dict(), len(calls))
     (cached, cached_calls), (plain, plain_calls) = results[True], results[False]
-    assert plain_calls == 1 + 3 * 4 and cached_calls == 1 + 4  # the probe, then the first epoch only
+    assert (
+        plain_calls == 1 + 3 * 4 and cached_calls == 1 + 4
+    )  # the probe, then the first epoch only
     # each epoch pads samples differently; the cache pads stored rows back, so training is the same
     assert all(torch.allclose(cached[k], plain[k], atol=1e-6) for k in plain)
-    assert not torch.equal(cached["bert.encoder.layer.0.output.dense.weight"],
-                           tiny_bert(layers=2, seed=1).state_dict()["bert.encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(
+        cached["bert.encoder.layer.0.output.dense.weight"],
+        tiny_bert(layers=2, seed=1).state_dict()["bert.encoder.layer.0.output.dense.weight"],
+    )
 
 
 def test_digits_cnn_feature_and_logit_distillation(digits_fp32: nn.Module) -> None:
@@ -169,8 +215,15 @@ def test_digits_cnn_feature_and_logit_distillation(digits_fp32: nn.Module) -> No
     task = DigitsTask()
     torch.manual_seed(0)
     student = DigitsCNN(width=8)
-    cfg = DistillConfig(steps=30, lr=3e-3, batch_size=64, distill=0.7, temperature=4.0, hidden=1.0,
-                        features=("features.2", "features.9"))
+    cfg = DistillConfig(
+        steps=30,
+        lr=3e-3,
+        batch_size=64,
+        distill=0.7,
+        temperature=4.0,
+        hidden=1.0,
+        features=("features.2", "features.9"),
+    )
     ctx = Context(task=task)
     compress_(student, cfg, context=ctx)
     assert ctx.summary[-1]["projections"] == 2
@@ -180,11 +233,29 @@ def test_digits_cnn_feature_and_logit_distillation(digits_fp32: nn.Module) -> No
 def test_unmatched_models_are_refused() -> None:
     task = TokenDistillTask()
     with pytest.raises(UsageError, match=r"no module 'bert.pooler' in the student and teacher"):
-        distill(tiny_bert(2), task.model(), task, DistillConfig(steps=1, hidden=1.0, features=("bert.pooler",)), progress=False)
+        distill(
+            tiny_bert(2),
+            task.model(),
+            task,
+            DistillConfig(steps=1, hidden=1.0, features=("bert.pooler",)),
+            progress=False,
+        )
     with pytest.raises(UsageError, match=r"teacher layer\(s\) \[7\]; the teacher has 4"):
-        distill(tiny_bert(2), task.model(), task, DistillConfig(steps=1, hidden=1.0, layer_map=(1, 7)), progress=False)
+        distill(
+            tiny_bert(2),
+            task.model(),
+            task,
+            DistillConfig(steps=1, hidden=1.0, layer_map=(1, 7)),
+            progress=False,
+        )
     with pytest.raises(UsageError, match="layer_map has 3 entries; the student has 2"):
-        distill(tiny_bert(2), task.model(), task, DistillConfig(steps=1, hidden=1.0, layer_map=(1, 2, 3)), progress=False)
+        distill(
+            tiny_bert(2),
+            task.model(),
+            task,
+            DistillConfig(steps=1, hidden=1.0, layer_map=(1, 2, 3)),
+            progress=False,
+        )
 
 
 def test_features_that_differ_beyond_width_are_refused(digits_fp32: nn.Module) -> None:
@@ -192,12 +263,28 @@ def test_features_that_differ_beyond_width_are_refused(digits_fp32: nn.Module) -
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 10))
-    student = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 10))  # 6x6 maps, not 8x8
-    with pytest.raises(UsageError, match=r"0 outputs \(2, 2, 6, 6\) in the student and \(2, 4, 8, 8\) in the teacher"):
-        distill(student, teacher, DigitsTask(), DistillConfig(steps=1, hidden=1.0, features=("0",)), progress=False)
+    student = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 10)
+    )  # 6x6 maps, not 8x8
+    with pytest.raises(
+        UsageError,
+        match=r"0 outputs \(2, 2, 6, 6\) in the student and \(2, 4, 8, 8\) in the teacher",
+    ):
+        distill(
+            student,
+            teacher,
+            DigitsTask(),
+            DistillConfig(steps=1, hidden=1.0, features=("0",)),
+            progress=False,
+        )
     with pytest.raises(UsageError, match="does not match teacher"):
-        distill(student, nn.Sequential(nn.Flatten(), nn.Linear(64, 7)), DigitsTask(), DistillConfig(steps=1, distill=0.5),
-                progress=False)
+        distill(
+            student,
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 7)),
+            DigitsTask(),
+            DistillConfig(steps=1, distill=0.5),
+            progress=False,
+        )
 
 
 def test_distill_needs_a_trainable_task() -> None:

@@ -34,7 +34,15 @@ from pared.apply import Context, register
 from pared.config import register_config
 from pared.errors import UsageError
 from pared.student import layer_stack
-from pared.train import FinetuneConfig, StepHook, TrainableTask, kd_loss, on_accelerator, train, trainable_task
+from pared.train import (
+    FinetuneConfig,
+    StepHook,
+    TrainableTask,
+    kd_loss,
+    on_accelerator,
+    train,
+    trainable_task,
+)
 
 __all__ = [
     "DistillConfig",
@@ -49,11 +57,15 @@ __all__ = [
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean ``1 - cosine`` between (B, D) student and teacher embeddings (pure function)."""
     if student.shape != teacher.shape:
-        raise UsageError(f"distillation: student embeddings {tuple(student.shape)} do not match teacher {tuple(teacher.shape)}")
+        raise UsageError(
+            f"distillation: student embeddings {tuple(student.shape)} do not match teacher {tuple(teacher.shape)}"
+        )
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
-def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_state_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``sum((s - t)^2) / sum(t^2)`` over valid positions: MSE relative to the teacher's energy,
     so layers whose activations differ in scale weigh the same.
 
@@ -63,7 +75,9 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
         mask: (B, T) with 1 for real tokens, or None to count every position.
     """
     if student.shape != teacher.shape:
-        raise UsageError(f"distillation: student features {tuple(student.shape)} do not match teacher {tuple(teacher.shape)}")
+        raise UsageError(
+            f"distillation: student features {tuple(student.shape)} do not match teacher {tuple(teacher.shape)}"
+        )
     diff, energy = (student.float() - teacher.float()) ** 2, teacher.float() ** 2
     if mask is not None:
         m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim())))
@@ -71,7 +85,9 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
     return diff.sum() / energy.sum().clamp(min=1e-12)
 
 
-def attention_log_probs(q: torch.Tensor, k: torch.Tensor, heads: int, mask: torch.Tensor | None) -> torch.Tensor:
+def attention_log_probs(
+    q: torch.Tensor, k: torch.Tensor, heads: int, mask: torch.Tensor | None
+) -> torch.Tensor:
     """(B, heads, T, T) log ``softmax(Q K^T / sqrt(d))`` from (B, T, W) projections (pure).
 
     Padded keys (``mask`` 0) get probability 0.
@@ -88,13 +104,19 @@ def attention_log_probs(q: torch.Tensor, k: torch.Tensor, heads: int, mask: torc
     return torch.log_softmax(scores, dim=-1)
 
 
-def attention_map_loss(student_qk: tuple[torch.Tensor, torch.Tensor], teacher_qk: tuple[torch.Tensor, torch.Tensor],
-                       heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_map_loss(
+    student_qk: tuple[torch.Tensor, torch.Tensor],
+    teacher_qk: tuple[torch.Tensor, torch.Tensor],
+    heads: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``KL(teacher map || student map)`` per query row, averaged over heads and real query tokens."""
     s_log = attention_log_probs(*student_qk, heads, mask)
     t_log = attention_log_probs(*teacher_qk, heads, mask)
     if s_log.shape != t_log.shape:
-        raise UsageError(f"distillation: student attention maps {tuple(s_log.shape)} do not match teacher {tuple(t_log.shape)}")
+        raise UsageError(
+            f"distillation: student attention maps {tuple(s_log.shape)} do not match teacher {tuple(t_log.shape)}"
+        )
     kl = (t_log.exp() * (t_log - s_log)).sum(dim=-1)  # (B, heads, T)
     if mask is None:
         return kl.mean()
@@ -142,9 +164,13 @@ class DistillConfig(FinetuneConfig):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
         if self.attention > 0 and self.features:
-            raise UsageError("distill.attention needs transformer layers; it cannot be combined with distill.features")
+            raise UsageError(
+                "distill.attention needs transformer layers; it cannot be combined with distill.features"
+            )
         if any(i < 0 for i in self.layer_map):
-            raise UsageError(f"distill.layer_map holds teacher layer indices >= 0, got {list(self.layer_map)}")
+            raise UsageError(
+                f"distill.layer_map holds teacher layer indices >= 0, got {list(self.layer_map)}"
+            )
 
 
 @dataclasses.dataclass
@@ -163,12 +189,17 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 def _query_key(layer: nn.Module, where: str) -> list[nn.Module]:
-    for q_name, k_name in (("attention.self.query", "attention.self.key"), ("self_attn.q_proj", "self_attn.k_proj")):
+    for q_name, k_name in (
+        ("attention.self.query", "attention.self.key"),
+        ("self_attn.q_proj", "self_attn.k_proj"),
+    ):
         try:
             return [layer.get_submodule(q_name), layer.get_submodule(k_name)]
         except AttributeError:
             continue
-    raise UsageError(f"distill.attention: {where} has no query/key projections (HF BERT or q_proj/k_proj layouts)")
+    raise UsageError(
+        f"distill.attention: {where} has no query/key projections (HF BERT or q_proj/k_proj layouts)"
+    )
 
 
 def _head_count(layer: nn.Module) -> int:
@@ -192,10 +223,18 @@ def matched_pairs(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) ->
     pairs: list[_Pair] = []
     if cfg.features:
         for name in cfg.features:
-            missing = [who for who, m in (("student", student), ("teacher", teacher)) if not _has_module(m, name)]
+            missing = [
+                who
+                for who, m in (("student", student), ("teacher", teacher))
+                if not _has_module(m, name)
+            ]
             if missing:
-                raise UsageError(f"distill.features: no module {name!r} in the {' and '.join(missing)}")
-            pairs.append(_Pair(name, "hidden", [student.get_submodule(name)], [teacher.get_submodule(name)]))
+                raise UsageError(
+                    f"distill.features: no module {name!r} in the {' and '.join(missing)}"
+                )
+            pairs.append(
+                _Pair(name, "hidden", [student.get_submodule(name)], [teacher.get_submodule(name)])
+            )
         return pairs
     if cfg.hidden == 0 and cfg.attention == 0:
         return pairs
@@ -203,18 +242,29 @@ def matched_pairs(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) ->
     t_name, t_stack = layer_stack(teacher)
     mapping = list(cfg.layer_map) or uniform_layer_map(len(s_stack), len(t_stack))
     if len(mapping) != len(s_stack):
-        raise UsageError(f"distill.layer_map has {len(mapping)} entries; the student has {len(s_stack)} layers in {s_name}")
+        raise UsageError(
+            f"distill.layer_map has {len(mapping)} entries; the student has {len(s_stack)} layers in {s_name}"
+        )
     unknown = [i for i in mapping if i >= len(t_stack)]
     if unknown:
-        raise UsageError(f"distill.layer_map names teacher layer(s) {unknown}; the teacher has {len(t_stack)} ({t_name}.0-{len(t_stack) - 1})")
+        raise UsageError(
+            f"distill.layer_map names teacher layer(s) {unknown}; the teacher has {len(t_stack)} ({t_name}.0-{len(t_stack) - 1})"
+        )
     chosen = list(enumerate(mapping))[-1:] if cfg.layers == "last" else list(enumerate(mapping))
     for j, i in chosen:
         s_layer, t_layer = s_stack[j], t_stack[i]
         if cfg.hidden > 0:
             pairs.append(_Pair(f"{s_name}.{j}", "hidden", [s_layer], [t_layer]))
         if cfg.attention > 0:
-            pairs.append(_Pair(f"{s_name}.{j}", "attention", _query_key(s_layer, f"student layer {j}"),
-                               _query_key(t_layer, f"teacher layer {i}"), heads=_head_count(t_layer)))
+            pairs.append(
+                _Pair(
+                    f"{s_name}.{j}",
+                    "attention",
+                    _query_key(s_layer, f"student layer {j}"),
+                    _query_key(t_layer, f"teacher layer {i}"),
+                    heads=_head_count(t_layer),
+                )
+            )
     return pairs
 
 
@@ -229,7 +279,12 @@ def _has_module(model: nn.Module, name: str) -> bool:
 def _token_mask(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """The HF convention ``(input_ids, attention_mask, ...)``: the second input when it is an
     integer mask shaped like the first; None otherwise (every position counts)."""
-    if len(inputs) >= 2 and inputs[1].shape == inputs[0].shape and not inputs[1].is_floating_point() and inputs[0].dim() == 2:
+    if (
+        len(inputs) >= 2
+        and inputs[1].shape == inputs[0].shape
+        and not inputs[1].is_floating_point()
+        and inputs[0].dim() == 2
+    ):
         return inputs[1]
     return None
 
@@ -270,15 +325,25 @@ class _TeacherCache:
             out.append(h.digest())
         return out
 
-    def lookup(self, keys: list[bytes], seq_len: int | None, device: torch.device) -> list[torch.Tensor] | None:
+    def lookup(
+        self, keys: list[bytes], seq_len: int | None, device: torch.device
+    ) -> list[torch.Tensor] | None:
         if not all(k in self.rows for k in keys):
             return None
-        columns = zip(*(self.rows[k] for k in keys))
+        columns = zip(*(self.rows[k] for k in keys), strict=True)
         return [torch.stack([_fit(r, seq_len) for r in col]).to(device) for col in columns]
 
-    def store(self, keys: list[bytes], tensors: list[torch.Tensor], lengths: list[int] | None, seq_len: int | None) -> None:
+    def store(
+        self,
+        keys: list[bytes],
+        tensors: list[torch.Tensor],
+        lengths: list[int] | None,
+        seq_len: int | None,
+    ) -> None:
         for b, key in enumerate(keys):
-            self.rows[key] = [_trim(t[b], seq_len, lengths[b] if lengths else None) for t in tensors]
+            self.rows[key] = [
+                _trim(t[b], seq_len, lengths[b] if lengths else None) for t in tensors
+            ]
 
 
 def _trim(row: torch.Tensor, seq_len: int | None, length: int | None) -> torch.Tensor:
@@ -298,7 +363,9 @@ class _Distiller(nn.Module):
     """What the training loop trains: the student plus the projections; the forward also runs
     (or looks up) the teacher, and leaves both sides' features for the loss."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[_Pair], cache: bool) -> None:
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, pairs: list[_Pair], cache: bool
+    ) -> None:
         super().__init__()
         self.student = student
         self.projections = nn.ModuleDict()
@@ -315,13 +382,15 @@ class _Distiller(nn.Module):
         """Run both models once; add a Linear where a hidden pair differs only in width."""
         with torch.no_grad():
             self.forward(*inputs)
-        for k, (pair, (s, t)) in enumerate(zip(self.pairs, self.features)):
+        for k, (pair, (s, t)) in enumerate(zip(self.pairs, self.features, strict=True)):
             if pair.kind != "hidden":
                 continue
             s_shape, t_shape = _width_last(s[0]).shape, _width_last(t[0]).shape
             if s_shape[:-1] != t_shape[:-1]:
-                raise UsageError(f"distillation: {pair.name} outputs {tuple(s[0].shape)} in the student and "
-                                 f"{tuple(t[0].shape)} in the teacher; only the width may differ")
+                raise UsageError(
+                    f"distillation: {pair.name} outputs {tuple(s[0].shape)} in the student and "
+                    f"{tuple(t[0].shape)} in the teacher; only the width may differ"
+                )
             if s_shape[-1] != t_shape[-1]:
                 self.projections[str(k)] = nn.Linear(s_shape[-1], t_shape[-1]).to(s[0].device)
 
@@ -353,7 +422,9 @@ class _Distiller(nn.Module):
         teacher = self._teacher[0]
         with torch.inference_mode():
             out = _first_tensor(teacher(*inputs))
-            values = [out] + [self._teacher_capture.values[id(m)] for p in self.pairs for m in p.teacher]
+            values = [out] + [
+                self._teacher_capture.values[id(m)] for p in self.pairs for m in p.teacher
+            ]
             values = [v.clone() for v in values]
         if self.cache is not None:
             self.cache.store(keys, values, lengths, seq_len)
@@ -366,12 +437,16 @@ class _Distiller(nn.Module):
     def distill_loss(self, cfg: DistillConfig) -> torch.Tensor:
         """The weighted hidden-state and attention terms of the last forward."""
         hidden, attention = [], []
-        for pair, (s, t) in zip(self.pairs, self.features):
+        for pair, (s, t) in zip(self.pairs, self.features, strict=True):
             if pair.kind == "hidden":
                 hidden.append(hidden_state_loss(_width_last(s[0]), _width_last(t[0]), self.mask))
             else:
-                attention.append(attention_map_loss((s[0], s[1]), (t[0], t[1]), pair.heads, self.mask))
-        total = torch.zeros((), device=self.teacher_output.device if self.teacher_output is not None else None)
+                attention.append(
+                    attention_map_loss((s[0], s[1]), (t[0], t[1]), pair.heads, self.mask)
+                )
+        total = torch.zeros(
+            (), device=self.teacher_output.device if self.teacher_output is not None else None
+        )
         if hidden:
             total = total + cfg.hidden * torch.stack(hidden).mean()
         if attention:
@@ -388,8 +463,15 @@ def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(_width_last(x)).movedim(-1, 1) if x.dim() == 4 else linear(x)
 
 
-def distill(student: nn.Module, teacher: nn.Module, task: TrainableTask, cfg: DistillConfig, *,
-            after_step: Sequence[StepHook] = (), progress: bool = True) -> dict[str, Any]:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    task: TrainableTask,
+    cfg: DistillConfig,
+    *,
+    after_step: Sequence[StepHook] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train ``student`` in place against ``teacher`` on ``task`` (the ``distill`` step's work).
 
     ``after_step`` hooks are called as ``hook(step, student)``.
@@ -420,13 +502,24 @@ def distill(student: nn.Module, teacher: nn.Module, task: TrainableTask, cfg: Di
 
         # The wrapper's forward already gives the teacher's logits; the loop must not add its own.
         hooks = [lambda step, _wrapper, hook=hook: hook(step, student) for hook in after_step]
-        result = train(wrapper, task, dataclasses.replace(cfg, distill=0.0), loss_fn=loss, after_step=hooks,
-                       progress=progress)
+        result = train(
+            wrapper,
+            task,
+            dataclasses.replace(cfg, distill=0.0),
+            loss_fn=loss,
+            after_step=hooks,
+            progress=progress,
+        )
     finally:
         wrapper.remove_hooks()
-    return {"technique": "distill", "steps": result.steps, "final_loss": result.final_loss,
-            "pairs": [f"{p.kind}:{p.name}" for p in pairs], "projections": len(wrapper.projections),
-            "cached_samples": len(wrapper.cache.rows) if wrapper.cache is not None else 0}
+    return {
+        "technique": "distill",
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "pairs": [f"{p.kind}:{p.name}" for p in pairs],
+        "projections": len(wrapper.projections),
+        "cached_samples": len(wrapper.cache.rows) if wrapper.cache is not None else 0,
+    }
 
 
 @register(DistillConfig)

@@ -128,17 +128,25 @@ class MiniLMTask:
         """One shuffled epoch of ``((input_ids, attention_mask), teacher_embedding)`` batches.
 
         Sentences come from ``corpus.train_sentences()`` (disjoint from evaluation and
-        calibration) and are padded to the longest in their batch, not to 128: training sentences
-        average about 20 word pieces, so full padding would make each step several times slower.
+        calibration), grouped by length and padded to the longest in their batch, not to 128:
+        training sentences average about 20 word pieces, so full padding would make each step
+        several times slower.
         The targets are the fp32 model's (B, 384) embeddings, computed once per task instance.
         """
         sentences = corpus.train_sentences()
         targets = self._teacher_embeddings(sentences)
-        order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(sentences), generator=gen)
+        # Batches of similar length: within each window of 8 shuffled batches, sentences are
+        # sorted by length, so little compute goes to padding; the batch order is shuffled again.
+        lengths = torch.tensor([len(s) for s in sentences])
+        window = 8 * batch_size
+        bucketed = torch.cat([w[lengths[w].argsort(stable=True)] for w in order.split(window)])
+        chunks_ = list(bucketed.split(batch_size))
         out = []
-        for chunk in order.split(batch_size):
-            idx = chunk.tolist()
-            out.append((self._tokenize_longest([sentences[i] for i in idx]), targets[chunk]))
+        for k in torch.randperm(len(chunks_), generator=gen).tolist():
+            idx = chunks_[k].tolist()
+            out.append((self._tokenize_longest([sentences[i] for i in idx]), targets[chunks_[k]]))
         return out
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""Distillation on CPU: a 3-layer MiniLM student against the 6-layer fp32 teacher, in one run.
+
+Prints one JSON object per line on stdout (progress goes to stderr):
+
+- ``part: "minilm"``: the student is built by ``drop_layers`` (every=2: teacher layers 1, 3, 5,
+  initialised from the teacher's weights) and distilled by the ``distill`` step on
+  ``corpus.train_sentences()`` (unlabeled, disjoint from the 512 evaluation sentences): the
+  task's embedding loss (1 - cosine) plus hidden-state and attention-map terms against teacher
+  layers 1, 3, 5. A ``distill`` line gives the wall and process CPU time of building and
+  distilling the student (teacher targets included). Quality is ``MiniLMTask().evaluate``
+  (mean cosine and top-10 neighbour overlap against the teacher's fp32 embeddings) of the runner
+  that is timed. Timing is interleaved in this one process (``bench_int8.timed_rounds`` with
+  settle) at batch 8 x 128 and 1 x 128 tokens; methods: ``teacher-fp32-eager`` (the baseline),
+  ``student-fp32-eager``, ``teacher-fp32-openvino``, ``student-fp32-openvino``,
+  ``student-int8-openvino`` (the student followed by the built-in ``int8`` recipe: SmoothQuant
+  then static int8, QDQ ONNX) and ``teacher-int8-openvino`` (int8 alone, to separate the gains).
+  Each timing line carries ``ratio_vs_fp32_eager`` and ``ratio_vs_teacher_same_runtime``.
+- ``part: "digits"``: a half-width digits CNN (width 8, random init) trained for the same steps
+  with the same seed, with and without logit distillation from the width-16 teacher, for seeds
+  0, 1, 2; test accuracy per seed and the mean.
+- one ``summary`` line with the machine, versions and elapsed time.
+
+Usage:
+    python benchmarks/bench_distill.py > distill.jsonl
+    python benchmarks/bench_distill.py --part minilm --steps 600 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int8 import Method, machine, timed_rounds  # noqa: E402 - shared timing harness
+
+import pared  # noqa: E402
+from pared.apply import Context  # noqa: E402
+from pared.distill import DistillConfig  # noqa: E402
+from pared.measure import count_params, latency_from_samples  # noqa: E402
+from pared.onnx_export import export_onnx  # noqa: E402
+from pared.recipe import load_recipe  # noqa: E402
+from pared.runtime import make_runner  # noqa: E402
+from pared.student import DropLayersConfig  # noqa: E402
+from pared.train import FinetuneConfig  # noqa: E402
+
+THREADS = 2
+WARMUP = 3
+BASELINE = "teacher-fp32-eager"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_distill {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def rounded(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def state_bytes(model: nn.Module, path: Path) -> int:
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path.stat().st_size
+
+
+# ----------------------------------------------------------------------------------- MiniLM
+
+
+def distill_recipe(steps: int, lr: float, batch_size: int) -> list[Any]:
+    """drop_layers (every 2nd) then distill: embeddings + hidden states + attention maps."""
+    return [
+        DropLayersConfig(every=2),
+        DistillConfig(steps=steps, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="cosine",
+                      hidden=1.0, attention=1.0, train_mode=False, freeze=("*word_embeddings",)),
+    ]
+
+
+def run_minilm(args: argparse.Namespace, scratch: Path) -> None:
+    from pared.tasks import corpus
+    from pared.tasks.minilm import MiniLMTask
+
+    part = "minilm"
+    torch.set_num_threads(THREADS)
+    task = MiniLMTask(n_eval=args.n_eval)
+    teacher = task.model()
+    recipe = distill_recipe(args.steps, args.lr, args.batch_size)
+    log(f"distilling: {[pared.config_to_dict(c) for c in recipe]}")
+    # Training runs on --train-threads threads (default 1): on a shared machine a second OpenMP
+    # thread mostly spin-waits for a core, which inflates CPU time without speeding anything up.
+    # CPU seconds on one thread bound the time on 2 cores from above.
+    torch.set_num_threads(args.train_threads)
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
+    ctx = Context(task=task)
+    student = pared.compress_(copy.deepcopy(teacher), recipe, context=ctx)
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    torch.set_num_threads(THREADS)
+    log(f"distilled in {wall:.0f}s wall, {cpu:.0f}s CPU")
+    emit({"bench": "distill", "part": part, "distill": True, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+          "train_threads": args.train_threads, "steps": ctx.summary[-1]["steps"],
+          "final_loss": round(ctx.summary[-1]["final_loss"], 5), "pairs": ctx.summary[-1]["pairs"],
+          "kept_layers": ctx.summary[0]["kept"], "recipe": [pared.config_to_dict(c) for c in recipe]})
+
+    log("computing the fp32 reference embeddings")
+    task.reference_embeddings()
+    calib = task.calibration()
+    int8_student = pared.compress_(copy.deepcopy(student), load_recipe("int8"), context=Context(calib=calib, task=task))
+    int8_teacher = pared.compress_(copy.deepcopy(teacher), load_recipe("int8"), context=Context(calib=calib, task=task))
+    x8 = task.example_inputs(8)
+    names, axes = task.input_names(), task.dynamic_axes()
+
+    def onnx_runner(name: str, model: nn.Module) -> tuple[Any, int]:
+        path = scratch / f"{name}.onnx"
+        export_onnx(model, x8, path, input_names=names, dynamic_axes=axes)
+        return make_runner("openvino", onnx_path=path, threads=THREADS, input_names=names), path.stat().st_size
+
+    methods: list[Method] = []
+    params: dict[str, int] = {}
+    for name, model in (("teacher-fp32-eager", teacher), ("student-fp32-eager", student)):
+        size = state_bytes(model, scratch / f"{name}.safetensors")
+        methods.append(Method(name, make_runner("torch", model=model, threads=THREADS), runtime="torch",
+                              size_bytes=size, size_what="safetensors (fp32)"))
+        params[name] = count_params(model)
+    for name, model in (("teacher-fp32-openvino", teacher), ("student-fp32-openvino", student),
+                        ("student-int8-openvino", int8_student), ("teacher-int8-openvino", int8_teacher)):
+        log(f"exporting {name}")
+        run, size = onnx_runner(name, model)
+        methods.append(Method(name, run, runtime="openvino", size_bytes=size, size_what="ONNX file"))
+    metrics = {}
+    for m in methods:
+        log(f"evaluating {m.name}")
+        metrics[m.name] = rounded(task.evaluate(m.runner))
+    emit({"bench": "distill", "part": part, "metrics": metrics, "params": params,
+          "eval_sentences": task.n_eval, "train_sentences": len(corpus.train_sentences())})
+    for batch in (8, 1):
+        inputs = task.example_inputs(batch)
+        log(f"timing {len(methods)} methods at batch {batch}, {args.rounds} rounds")
+        samples, stats = timed_rounds(methods, inputs, rounds=args.rounds, settle=True, seed=batch)
+        lat = {m.name: latency_from_samples(samples[m.name], runtime=m.runtime, batch=batch, threads=THREADS,
+                                            warmup=WARMUP) for m in methods}
+        base = lat[BASELINE].p50_ms
+        for m in methods:
+            same_runtime_teacher = "teacher-fp32-openvino" if m.runtime == "openvino" else BASELINE
+            emit({"bench": "distill", "part": part, "method": m.name, "batch": batch, "threads": THREADS,
+                  "runtime": m.runtime, "p50_ms": round(lat[m.name].p50_ms, 3), "p90_ms": round(lat[m.name].p90_ms, 3),
+                  "ratio_vs_fp32_eager": round(lat[m.name].p50_ms / base, 4),
+                  "ratio_vs_teacher_same_runtime": round(lat[m.name].p50_ms / lat[same_runtime_teacher].p50_ms, 4),
+                  "size_bytes": m.size_bytes, "size_what": m.size_what, "metrics": metrics[m.name],
+                  "runs": lat[m.name].runs})
+        emit({"bench": "distill", "part": part, "batch": batch, "timing": True, **stats})
+
+
+# ----------------------------------------------------------------------------------- digits
+
+
+def run_digits(args: argparse.Namespace) -> None:
+    from pared.tasks.digits import DigitsCNN, DigitsTask
+
+    part = "digits"
+    torch.set_num_threads(1)  # 8x8 convs are overhead-bound (see pared.tasks.digits)
+    task = DigitsTask()
+    teacher_acc = task.evaluate(task.model())["accuracy"]
+    common = {"steps": args.digits_steps, "lr": 3e-3, "batch_size": 64}
+    runs: dict[str, list[float]] = {"plain": [], "kd": []}
+    for seed in (0, 1, 2):
+        for kind in ("plain", "kd"):
+            torch.manual_seed(seed)
+            student = DigitsCNN(width=8)
+            cfg = (FinetuneConfig(seed=seed, **common) if kind == "plain"
+                   else DistillConfig(seed=seed, distill=0.9, temperature=4.0, **common))
+            t0 = time.perf_counter()
+            pared.compress_(student, cfg, context=Context(task=task))
+            acc = task.evaluate(student)["accuracy"]
+            runs[kind].append(acc)
+            emit({"bench": "distill", "part": part, "student": "width8", "kind": kind, "seed": seed,
+                  "accuracy": round(acc, 3), "train_s": round(time.perf_counter() - t0, 1)})
+    mean = {k: sum(v) / len(v) for k, v in runs.items()}
+    emit({"bench": "distill", "part": part, "teacher_width16_accuracy": round(teacher_acc, 3),
+          "student_params": count_params(DigitsCNN(width=8)), "teacher_params": count_params(task.model()),
+          "steps": args.digits_steps, "distill": 0.9, "temperature": 4.0,
+          "mean_accuracy_plain": round(mean["plain"], 3), "mean_accuracy_kd": round(mean["kd"], 3),
+          "kd_beats_plain": mean["kd"] > mean["plain"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("minilm", "digits", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=3000, help="MiniLM distillation steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="MiniLM sentences per step")
+    parser.add_argument("--lr", type=float, default=3e-4, help="MiniLM peak learning rate (AdamW, cosine)")
+    parser.add_argument("--train-threads", type=int, default=1, help="threads while distilling")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size")
+    parser.add_argument("--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)")
+    parser.add_argument("--digits-steps", type=int, default=150, help="digits student training steps")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    parts = ("digits", "minilm") if args.part == "all" else (args.part,)
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
+        for part in parts:
+            log(f"part {part}")
+            if part == "minilm":
+                run_minilm(args, Path(tmp))
+            else:
+                run_digits(args)
+    emit({"bench": "distill", "summary": True, "machine": machine(), "threads": THREADS, "rounds": args.rounds,
+          "parts": list(parts), "elapsed_s": round(time.perf_counter() - t0, 1),
+          "torch": torch.__version__})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
