@@ -15,16 +15,14 @@ from pared.search.study import SearchSpec
 
 
 def _worker(spec_fields: dict[str, Any]) -> int:
-    """One Ray task: work on the study until its budget is spent; returns trials it finished."""
+    """One Ray task: work on the study until its budget is spent; returns trials it evaluated."""
     import pared.search  # noqa: F401 - registers the spaces in the worker process
     from pared.search.evaluate import CompressEvaluator
     from pared.search.study import load_study, open_storage, run_worker
 
     spec = SearchSpec(**spec_fields)
     study = load_study(spec, open_storage(spec, fresh=False, overwrite=False))
-    before = len(study.get_trials(deepcopy=False))
-    run_worker(spec, study, CompressEvaluator(spec))
-    return len(study.get_trials(deepcopy=False)) - before
+    return run_worker(spec, study, CompressEvaluator(spec))
 
 
 def run_on_ray(spec: SearchSpec, workers: int, *, address: str | None = None) -> list[int]:
@@ -37,7 +35,7 @@ def run_on_ray(spec: SearchSpec, workers: int, *, address: str | None = None) ->
             instance this process already started, or starts a local one.
 
     Returns:
-        How many trials each worker finished.
+        How many trials each worker evaluated.
     """
     try:
         import ray

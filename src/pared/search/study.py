@@ -16,11 +16,17 @@ the same params as an uninterrupted one with the same seed.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import math
+import os
 import shutil
+import socket
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,16 @@ SAMPLERS = ("tpe", "nsga2", "random")
 SPEC_ATTR, BASELINE_ATTR, INFO_ATTR = "pared_spec", "pared_baseline", "pared_info"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # Heartbeats are "experimental" and constraints_func "deprecated" in Optuna 5, yet both are
+    # the documented way to get stale-trial retries and constrained TPE/NSGA-II on Optuna 4.9-5.x.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 @dataclasses.dataclass
@@ -127,20 +143,28 @@ def prepare(spec: SearchSpec, *, evaluator: Evaluator | None = None, resume: boo
     out = Path(spec.out)
     if resume and join:
         raise UsageError("--resume and --join are exclusive (resume: the old run is dead; join: it is not)")
+    if resume and spec.storage is None and not (out / DB_FILE).is_file():
+        raise UsageError(f"nothing to resume: {out / DB_FILE} does not exist")
     storage = open_storage(spec, fresh=not (resume or join), overwrite=overwrite)
     evaluator = evaluator or CompressEvaluator(spec)
     study = _load_or_create(spec, storage, evaluator, resume=resume, join=join)
     (out / output.POINTS).mkdir(parents=True, exist_ok=True)
     if resume:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # Retry first: a kill between the two steps then leaves a RUNNING trial whose retry
+            # exists (not enqueued twice), never a FAIL without one.
+            retry_trial(study, trial)
+            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its process died")
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (its process died); retried")
-            retry_trial(study, storage.get_trial(trial._trial_id))
     return study
 
 
-def run_worker(spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> None:
-    """Run trials until the budget is spent; on Ctrl-C retry the running trial later, then re-raise."""
+def run_worker(spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> int:
+    """Run trials until the budget is spent; on Ctrl-C retry the running trial later, then re-raise.
+
+    Returns:
+        How many trials this worker evaluated (got as far as running their recipe).
+    """
     worker = _Worker(spec, study, evaluator)
     deadline = None if spec.time_budget_s is None else time.monotonic() + spec.time_budget_s
     try:
@@ -151,11 +175,11 @@ def run_worker(spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> N
         if worker.current is not None:
             frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, worker.current))
-            if frozen.state == TrialState.FAIL:
-                study._storage.set_trial_user_attr(frozen._trial_id, "error", "interrupted (Ctrl-C); retried")
+            if frozen.state == TrialState.FAIL:  # Optuna marked it so on the way out
                 retry_trial(study, frozen)
         output.write_outputs(study, Path(spec.out))
         raise
+    return worker.evaluated
 
 
 def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.storages.RDBStorage:
@@ -176,13 +200,7 @@ def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.st
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if url.startswith("postgresql"):
         kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
-    try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=retry_trial)
-    except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EnvironmentIOError(f"cannot open the study storage {_redact(url)}: {reason}") from None
+    storage = _rdb_storage(url, kwargs)
     if fresh and overwrite and spec.storage is not None:
         try:
             optuna.delete_study(study_name=spec.study_name, storage=storage)
@@ -191,15 +209,37 @@ def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.st
     return storage
 
 
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            with _quiet():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=retry_trial)
+        except (IntegrityError, ProgrammingError):
+            # Workers starting together on an empty database race to create Optuna's tables;
+            # the loser finds them made on its next try.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+        except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EnvironmentIOError(f"cannot open the study storage {_redact(url)}: {reason}") from None
+    raise AssertionError("unreachable")
+
+
 def _load_or_create(spec: SearchSpec, storage: optuna.storages.RDBStorage, evaluator: Evaluator, *,
                     resume: bool, join: bool) -> optuna.Study:
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-    if spec.study_name in names:
+    existed = spec.study_name in names
+    if existed and not _half_created(spec, storage):
         if not (resume or join):
             raise UsageError(f"study {spec.study_name!r} already exists in {_redact(spec.storage_url())}: "
                              "pass --resume or --join to continue it, --overwrite to replace it")
         return load_study(spec, storage)
-    if resume:
+    if resume and not existed:
         raise UsageError(f"nothing to resume: no study {spec.study_name!r} in {_redact(spec.storage_url())}")
     baseline = evaluator.baseline_metrics()
     objectives = parse_objectives(spec.objectives, list(baseline), evaluator.primary_metric)
@@ -216,6 +256,18 @@ def _load_or_create(spec: SearchSpec, storage: optuna.storages.RDBStorage, evalu
     study.set_user_attr(BASELINE_ATTR, {"primary": evaluator.primary_metric, "metrics": baseline})
     study.set_user_attr(INFO_ATTR, dataclasses.asdict(info))
     return load_study(spec, storage)
+
+
+def _half_created(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> bool:
+    """A study killed between its creation and its attributes (it has no trials): deleted, so
+    the search starts afresh instead of refusing a study "not made by pared"."""
+    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    for _ in range(25):  # a live creator writes them within milliseconds
+        if SPEC_ATTR in study.user_attrs or study.get_trials(deepcopy=False):
+            return False
+        time.sleep(0.2)
+    optuna.delete_study(study_name=spec.study_name, storage=storage)
+    return True
 
 
 def load_study(spec: SearchSpec, storage: optuna.storages.BaseStorage | str) -> optuna.Study:
@@ -240,10 +292,14 @@ def load_study(spec: SearchSpec, storage: optuna.storages.BaseStorage | str) -> 
 def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a killed or interrupted trial's params again (at most ``MAX_RETRY`` times)."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRY:
+    if len(history) > MAX_RETRY or trial.number in superseded(study.get_trials(deepcopy=False)):
         return
+    # Params are fixed only when the trial had drawn them all (its recipe is recorded); a trial
+    # killed while drawing is redrawn whole, with the same seed, so it draws the same values.
+    done = "recipe" in trial.user_attrs
     study.add_trial(optuna.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        state=TrialState.WAITING, params=trial.params if done else {},
+        distributions=trial.distributions if done else {},
         system_attrs={"failed_trial": history[0], "retry_history": history}))
 
 
@@ -257,8 +313,28 @@ def superseded(trials: list[FrozenTrial]) -> set[int]:
 
 def logical_index(trials: list[FrozenTrial], number: int) -> int:
     """Trial ``number``'s position in an uninterrupted run: killed-and-retried trials don't count."""
-    gone = superseded(trials)
-    return number - sum(1 for n in gone if n < number)
+    gone = sorted(superseded(trials))
+    return number - bisect.bisect_left(gone, number)
+
+
+class _InIndexOrder:
+    """The study as the sampler sees it: retried trials hidden, the others in logical-index
+    order, so a resumed search shows the sampler exactly the history an uninterrupted one does."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache)
+        gone = sorted(superseded(trials))
+        kept = [t for t in trials if t.number not in gone and (states is None or t.state in states)]
+        return sorted(kept, key=lambda t: t.number - bisect.bisect_left(gone, t.number))
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
 
 
 def _more_to_do(study: optuna.Study, budget: int | None, deadline: float | None) -> bool:
@@ -291,6 +367,10 @@ class PerTrialSeedSampler(optuna.samplers.BaseSampler):
         return self._inner[1]
 
     def _make(self, seed: int) -> optuna.samplers.BaseSampler:
+        with _quiet():
+            return self._sampler(seed)
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         constraints = self._constraints if self.n_constraints else None
         if self.kind == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=10)
@@ -303,19 +383,19 @@ class PerTrialSeedSampler(optuna.samplers.BaseSampler):
         return list(trial.user_attrs.get("constraints") or [1.0] * self.n_constraints)
 
     def infer_relative_search_space(self, study, trial):  # noqa: D102 - Optuna's API
-        return self._for(study, trial).infer_relative_search_space(study, trial)
+        return self._for(study, trial).infer_relative_search_space(_InIndexOrder(study), trial)
 
     def sample_relative(self, study, trial, search_space):  # noqa: D102
-        return self._for(study, trial).sample_relative(study, trial, search_space)
+        return self._for(study, trial).sample_relative(_InIndexOrder(study), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: D102
-        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+        return self._for(study, trial).sample_independent(_InIndexOrder(study), trial, param_name, param_distribution)
 
     def before_trial(self, study, trial):  # noqa: D102
-        self._for(study, trial).before_trial(study, trial)
+        self._for(study, trial).before_trial(_InIndexOrder(study), trial)
 
     def after_trial(self, study, trial, state, values):  # noqa: D102
-        self._for(study, trial).after_trial(study, trial, state, values)
+        self._for(study, trial).after_trial(_InIndexOrder(study), trial, state, values)
 
     def reseed_rng(self) -> None:  # noqa: D102 - seeds come from the trial index, never from here
         pass
@@ -334,13 +414,17 @@ class _Worker:
         self.objectives: list[Objective] = parse_objectives(spec.objectives, list(self.baseline), self.primary)
         self.constraints: list[Constraint] = _constraints(study)
         self.current: int | None = None
+        self.evaluated = 0
 
     def objective(self, trial: optuna.Trial) -> list[float]:
         self.current = trial.number
         recipe = build_recipe(trial, self.slots, self.info)
         if not recipe:
-            raise optuna.TrialPruned("every slot is 'none': nothing to compress")
+            trial.set_user_attr("error", "pruned: every slot is 'none', nothing to compress")
+            raise optuna.TrialPruned("every slot is 'none'")
         trial.set_user_attr("recipe", [config_to_dict(c) for c in recipe])
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self.evaluated += 1
         try:
             report = self.evaluator.run(recipe, self.out / output.POINTS / output.trial_name(trial.number),
                                         on_metrics=lambda m: self._prune_hopeless(trial, m))
@@ -357,8 +441,9 @@ class _Worker:
         values = [float(metrics[o.name]) for o in self.objectives]
         bad = [o.name for o, v in zip(self.objectives, values) if not math.isfinite(v)]
         if bad:
-            trial.set_user_attr("error", f"non-finite objective(s) {bad}")
-            raise FloatingPointError(f"non-finite objective(s) {bad}")
+            exc = FloatingPointError(f"non-finite objective(s) {bad}")
+            trial.set_user_attr("error", _one_line(exc))
+            raise exc
         return values
 
     def _prune_hopeless(self, trial: optuna.Trial, metrics: dict[str, dict[str, float]]) -> None:
@@ -395,7 +480,8 @@ def _redact(url: str) -> str:
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
 
 

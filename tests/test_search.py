@@ -1,0 +1,233 @@
+"""pared search: bad input refused before any trial, failing trials recorded, outputs, a real
+digits search, and resume after SIGKILL proposing exactly what an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from pared.errors import EnvironmentIOError, UsageError
+from pared.quant import Int8Config
+from pared.recipe import load_recipe
+from pared.search import SearchSpec, register_space, registered_spaces, search
+from pared.search import space as space_module
+from pared.search.cli_support import parse_duration
+from pared.search.objectives import dominates, pareto_indices, parse_constraint, parse_objectives
+from pared.search.study import load_study, logical_index, open_storage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from search_synthetic import SyntheticEvaluator  # noqa: E402
+
+WORKER = Path(__file__).parent / "search_synthetic.py"
+
+
+def spec(tmp_path: Path, **kw) -> SearchSpec:
+    base = dict(model="digits", out=str(tmp_path / "s"), trials=6, constraints=("metric_drop <= 2",))
+    return SearchSpec(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"techniques": ()}, "empty search space"),
+    ({"techniques": ("prune_transformer",)}, "empty search space"),  # applies to no CNN
+    ({"techniques": ("no_such",)}, "unknown technique"),
+    ({"objectives": ("accurcy",)}, "unknown metric"),
+    ({"objectives": ()}, "at least one objective"),
+    ({"constraints": ("latency_ratoi <= 0.2",)}, "unknown metric"),
+    ({"constraints": ("latency_ratio < 0.2",)}, "is not"),
+    ({"constraints": ("size_bytes <= 5%",)}, "only meaningful for metric_drop"),
+    ({"trials": 0}, "trial budget must be >= 1"),
+    ({"trials": None, "time_budget_s": 0.0}, "time budget must be > 0"),
+    ({"trials": None}, "give a budget"),
+    ({"sampler": "grid"}, "unknown sampler"),
+])
+def test_bad_input_is_refused_before_any_trial(tmp_path, kw, message):
+    evaluator = SyntheticEvaluator()
+    with pytest.raises(UsageError, match=message):
+        search(spec(tmp_path, **kw), evaluator=evaluator)
+    assert evaluator.calls == 0
+
+
+def test_unreachable_storage_is_a_clear_error_before_any_trial(tmp_path):
+    evaluator = SyntheticEvaluator()
+    url = "postgresql://pared:secret@127.0.0.1:1/pared"  # nothing listens on port 1
+    with pytest.raises(EnvironmentIOError, match=r"cannot open the study storage postgresql://pared:\*\*\*@127.0.0.1:1"):
+        search(spec(tmp_path, storage=url), evaluator=evaluator)
+    assert evaluator.calls == 0
+
+
+def test_existing_search_needs_resume_or_overwrite(tmp_path):
+    search(spec(tmp_path, trials=1), evaluator=SyntheticEvaluator())
+    with pytest.raises(UsageError, match="already holds a search"):
+        search(spec(tmp_path, trials=1), evaluator=SyntheticEvaluator())
+    with pytest.raises(UsageError, match=r"different search \(seed: 0 -> 1\)"):
+        search(spec(tmp_path, trials=2, seed=1), evaluator=SyntheticEvaluator(), resume=True)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        search(spec(tmp_path, out=str(tmp_path / "empty")), evaluator=SyntheticEvaluator(), resume=True)
+
+
+def test_objectives_constraints_and_durations():
+    objs = parse_objectives(["metric", "latency", "size"], ["accuracy"], "accuracy")
+    assert [(o.name, o.direction) for o in objs] == [
+        ("accuracy", "maximize"), ("latency_ratio", "minimize"), ("size_bytes", "minimize")]
+    rel = parse_constraint("metric_drop <= 1%", ["accuracy"])
+    assert rel.violation({"metric_drop": 0.5}, baseline=99.0) < 0 < rel.violation({"metric_drop": 1.5}, baseline=99.0)
+    assert parse_constraint("accuracy >= 98", ["accuracy"]).violation({"accuracy": 97.0}, 99.0) == 1.0
+    assert parse_duration("15m") == 900 and parse_duration("90s") == 90 and parse_duration("1h") == 3600
+    with pytest.raises(UsageError):
+        parse_duration("soon")
+    dirs = ["maximize", "minimize"]
+    assert dominates([1.0, 0.1], [0.9, 0.2], dirs) and not dominates([1.0, 0.1], [1.0, 0.1], dirs)
+    assert pareto_indices([[1.0, 0.5], [0.9, 0.1], [0.8, 0.6], [1.0, 0.5]], dirs) == [0, 1, 3]
+
+
+# ---------------------------------------------------------------------------- extension
+
+
+def test_a_technique_joins_the_search_by_registering_its_space(tmp_path):
+    @register_space("test_int8_dynamic_only", slot="test_slot", order=45)
+    def _space(trial, info):
+        return Int8Config(mode="dynamic", calibration=trial.suggest_categorical("t.cal", ["minmax"]))
+
+    try:
+        doc = search(spec(tmp_path, trials=3, techniques=("test_int8_dynamic_only",)), evaluator=SyntheticEvaluator())
+        used = [load_recipe(str(tmp_path / "s" / t["recipe"])) for t in doc["trials"] if t["recipe"]]
+        assert used and all(r == [Int8Config(mode="dynamic")] for r in used)
+        assert all(t["params"]["test_slot"] in ("none", "test_int8_dynamic_only") for t in doc["trials"])
+    finally:
+        space_module._SPACES.pop("test_int8_dynamic_only")
+    assert "test_int8_dynamic_only" not in registered_spaces()
+
+
+# ---------------------------------------------------------------------------- trials and outputs
+
+
+def test_failing_nan_and_oom_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    faults = {'"technique": "cluster"': RuntimeError("boom"), '"technique": "weight_only"': float("nan"),
+              '"mode": "static"': MemoryError()}
+    doc = search(spec(tmp_path, trials=14, sampler="random", seed=3, techniques=("cluster", "weight_only", "int8")),
+                 evaluator=SyntheticEvaluator(faults=faults))
+    rows = doc["trials"]
+    assert len(rows) == 14
+    by_state = {s: [r for r in rows if r["state"] == s] for s in ("COMPLETE", "FAIL", "PRUNED")}
+    failed = {r["error"].split(":")[0] for r in by_state["FAIL"]}
+    assert failed >= {"RuntimeError", "FloatingPointError"}, failed
+    assert all(r["params"].get("quantize") != "weight_only" for r in by_state["COMPLETE"])  # NaN never COMPLETE
+    assert any("smaller --batch" in r["error"] for r in by_state["FAIL"] if r["error"].startswith("MemoryError"))
+    assert by_state["COMPLETE"], "the study went on past the failures"
+    # contract: every finished trial has these keys; Pareto points are feasible and non-dominated
+    for r in rows:
+        assert set(r) >= {"number", "state", "params", "metrics", "feasible", "pareto", "recipe", "artefact", "error"}
+    front = [r for r in rows if r["pareto"]]
+    assert front and all(r["feasible"] for r in front)
+    names = [o["name"] for o in doc["objectives"]]
+    assert names == ["accuracy", "latency_ratio"]
+    for r in front:
+        assert r["metrics"]["metric_drop"] <= 2
+        assert (tmp_path / "s" / r["artefact"] / "report.json").is_file()
+        assert load_recipe(str(tmp_path / "s" / r["recipe"]))  # re-runnable with pared compress
+    off_front = [r for r in by_state["COMPLETE"] if not r["pareto"]]
+    assert all(not (tmp_path / "s" / "points" / f"trial-{r['number']:04d}").exists() for r in off_front)
+    assert "| trial | recipe | accuracy | latency_ratio |" in (tmp_path / "s" / "pareto.md").read_text()
+
+
+def test_constraint_prunes_before_timing(tmp_path):
+    doc = search(spec(tmp_path, trials=10, sampler="random", constraints=("metric_drop <= 0.5",)),
+                 evaluator=SyntheticEvaluator())
+    pruned = [r for r in doc["trials"] if r["state"] == "PRUNED" and "broken" in (r["error"] or "")]
+    assert pruned and all(r["metrics"]["metric_drop"] > 0.5 for r in pruned)
+    assert all(r["metrics"]["metric_drop"] <= 0.5 for r in doc["trials"] if r["feasible"])
+
+
+def test_real_digits_search_then_resume_with_a_bigger_budget(tmp_path):
+    s = spec(tmp_path, trials=1, techniques=("int8",), runtime="torch", rounds=2, batch=4,
+             sensitivity=True, constraints=("metric_drop <= 1",))
+    torch.manual_seed(0)
+    doc = search(s)
+    assert doc["baseline"]["metrics"]["accuracy"] > 95
+    assert set(doc["sensitivity"]) >= {"features.0", "classifier.3"}
+    s.trials = 2
+    doc = search(s, resume=True)
+    assert [r["number"] for r in doc["trials"]] == [0, 1]
+    done = [r for r in doc["trials"] if r["state"] == "COMPLETE"]
+    assert done, doc["trials"]
+    for r in done:
+        m = r["metrics"]
+        assert m["accuracy"] > 90 and m["size_bytes"] > 0 and m["latency_ratio"] > 0 and math.isfinite(m["energy_j"])
+    point = next(r for r in done if r["pareto"])
+    report = json.loads((tmp_path / "s" / point["artefact"] / "report.json").read_text())
+    assert report["compressed"]["metrics"]["accuracy"] == point["metrics"]["accuracy"]
+
+
+# ---------------------------------------------------------------------------- kill and resume
+
+
+def _finished(out: Path, storage: str | None = None) -> set[tuple[str, str, str]]:
+    s = SearchSpec(model="digits", out=str(out), trials=8, constraints=("metric_drop <= 2",), storage=storage)
+    study = load_study(s, open_storage(s, fresh=False, overwrite=False))
+    trials = study.get_trials(deepcopy=False)
+    from pared.search.study import superseded
+
+    gone = superseded(trials)
+    return {(t.state.name, json.dumps(t.params, sort_keys=True), json.dumps(t.values))
+            for t in trials if t.number not in gone and t.state.is_finished()}
+
+
+def _worker(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), "--trials", "8", "--sleep", "0.2", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def _n_done(out: Path) -> int:
+    try:
+        return len(json.loads((out / "search.json").read_text())["trials"])
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _worker(whole)
+    rng = random.Random(7)
+    proc = _worker(killed)
+    for round_ in range(3):
+        start = _n_done(killed)
+        deadline = time.monotonic() + 60
+        while _n_done(killed) <= start and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.4))  # somewhere inside a trial, or between two
+        assert proc.poll() is None, f"the worker ended before kill {round_ + 1}: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = _worker(killed, "--resume")
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    assert reference.wait(timeout=120) == 0, reference.stderr.read().decode()[-2000:]
+    a, b = _finished(whole), _finished(killed)
+    assert len(a) == 8
+    assert a == b
+    study_trials = json.loads((killed / "search.json").read_text())["trials"]
+    numbers = [t["number"] for t in study_trials]
+    assert len(numbers) == len(set(numbers))
+
+
+def test_logical_index_skips_retried_trials():
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    t = [optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, values=[1.0],
+                                   system_attrs={"retry_history": [1]} if n == 3 else None) for n in range(4)]
+    for number, trial in enumerate(t):  # trial 1 was killed and rerun as trial 3
+        trial.number = number
+    assert [logical_index(t, n) for n in range(4)] == [0, 1, 1, 2]
