@@ -173,6 +173,17 @@ def test_decompression_bomb_zip_is_refused_before_inflating(tmp_path: Path) -> N
     assert _peak_rss_mb() - before < 100
 
 
+def test_zip_claiming_an_unknown_version_is_refused(tmp_path: Path) -> None:
+    """Found by the 10k fuzz run: zipfile raises NotImplementedError for such a central directory."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buf)
+    data = bytearray(buf.getvalue())
+    central = data.index(b"PK\x01\x02")
+    data[central + 6 : central + 8] = (128).to_bytes(2, "little")  # "version needed to extract": 12.8
+    (tmp_path / "v.pt").write_bytes(bytes(data))
+    _refused(tmp_path / "v.pt", tmp_path / "CANARY", "truncated or corrupt", "zip file version 12.8")
+
+
 def test_legacy_storage_size_lie_is_refused(tmp_path: Path) -> None:
     buf = io.BytesIO()
     torch.save({"w": torch.ones(4)}, buf, _use_new_zipfile_serialization=False)

@@ -133,7 +133,7 @@ def _check_torch_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:  # NIE: bad version field
         raise _corrupt(path, exc) from None
     if len(members) > MAX_SAFETENSORS_TENSORS + 16:
         raise InputRefused(f"{path}: {len(members)} zip members exceed the limit of {MAX_SAFETENSORS_TENSORS}")
@@ -156,7 +156,7 @@ def _is_torch_zip(path: Path, head: bytes) -> bool:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError):
             return False
     return any(_is_data_pkl(n) for n in names)
 
@@ -372,7 +372,7 @@ def _first_unsafe_global(path: Path) -> str | None:
                 member = next(n for n in zf.namelist() if _is_data_pkl(n))
                 with zf.open(member) as f:
                     names = _pickle_globals(f)
-    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError, NotImplementedError):
         return None
     return next((n for n in names if not n.startswith(_SAFE_GLOBALS)), None)
 
