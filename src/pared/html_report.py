@@ -22,11 +22,11 @@ from pared.plots import finite
 from pared.report import before_after_rows, measurement_notes, render_markdown
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
-# Costs a search can plot the metric against: (key in a trial's metrics, axis label, log axis).
+# Costs a search can plot the metric against: (key in a trial's metrics, axis label).
 PARETO_AXES = (
-    ("latency_ratio", "latency ratio (compressed p50 / fp32 p50)", False),
-    ("size_bytes", "size on disk (bytes)", True),
-    ("energy_j", "energy per batch (J)", True),
+    ("latency_ratio", "latency ratio (compressed p50 / fp32 p50)"),
+    ("size_bytes", "size on disk (bytes)"),
+    ("energy_j", "energy per batch (J)"),
 )
 COST_KEYS = {"latency_ms", "latency_ratio", "size_bytes", "size_ratio", "macs", "energy_j"}
 _SAFE_LINK = re.compile(r"^[A-Za-z0-9_.\-/]+$")

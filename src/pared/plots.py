@@ -56,7 +56,6 @@ def pareto_png(
     maximize: bool,
     baseline: dict[str, Any] | None,
     peers: Sequence[dict[str, Any]],
-    log_x: bool = False,
 ) -> bytes:
     """Metric against one cost (latency ratio, size, energy) for every completed trial.
 
@@ -90,7 +89,8 @@ def pareto_png(
     for i, peer in enumerate(p for p in peers if finite(p["x"], p["y"])):
         ax.scatter([peer["x"]], [peer["y"]], marker=PEER_MARKERS[i % len(PEER_MARKERS)], s=80, c="tab:green", edgecolors="black",
                    label=f"peer: {peer['name']}", zorder=6)
-    if log_x:
+    if _spans_decades([t["x"] for t in shown] + [p["x"] for p in peers if finite(p["x"])]
+                      + ([baseline["x"]] if baseline and finite(baseline["x"]) else [])):
         ax.set_xscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel(f"{metric} ({'higher' if maximize else 'lower'} is better)")
@@ -156,9 +156,12 @@ def sensitivity_png(table: dict[str, dict[str, float]], *, metric: str) -> bytes
     ax.set_xticks(range(len(columns)), columns, fontsize=8)
     ax.set_yticks(range(len(layers)), [_short(n) for n in layers], fontsize=7)
     if len(layers) * len(columns) <= 120:
+        top = max((abs(v) for row in values for v in row if not math.isnan(v)), default=0.0)
         for r, row in enumerate(values):
             for c, v in enumerate(row):
-                ax.text(c, r, "n/a" if math.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7)
+                dark = not math.isnan(v) and top > 0 and v > 0.6 * top  # white text on the darkest cells
+                ax.text(c, r, "n/a" if math.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label=f"{metric} drop")
     ax.set_title("Per-layer sensitivity (that layer alone compressed)")
     return _png(fig)
@@ -200,6 +203,11 @@ def _pooled_panel(ax: Any, layers: dict[str, dict[str, Any]]) -> None:
             after[slot] += e["after"][k]
     _hist_panel(ax, grid, before, after)
     ax.set_title(f"all {len(layers)} layers\npooled", fontsize=7.5)
+
+
+def _spans_decades(values: Sequence[float]) -> bool:
+    """True when positive values spread over more than ~1.3 decades: a log axis keeps them apart."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 20
 
 
 def _short(name: str, width: int = 28) -> str:

@@ -49,8 +49,8 @@ def render_search(directory: Path, doc: dict[str, Any]) -> tuple[str, str, dict[
     page.paragraph(f"Objectives: {objectives}. Constraints: {constraints}.")
 
     page.heading("Pareto front")
-    for key, label, log_x in PARETO_AXES:
-        _pareto_figure(page, trials, peers, base, key, label, log_x, metric, maximize)
+    for key, label in PARETO_AXES:
+        _pareto_figure(page, trials, peers, base, key, label, metric, maximize)
 
     page.heading("Before / after: fp32, the Pareto points and the peers")
     header, rows, classes = _point_table(directory, page, base, chosen, peers, metric)
@@ -135,7 +135,7 @@ def _primary(doc: dict[str, Any], path: Path) -> tuple[str, bool]:
 
 
 def _pareto_figure(page: Page, trials: list[dict[str, Any]], peers: list[dict[str, Any]], base: dict[str, Any],
-                   key: str, label: str, log_x: bool, metric: str, maximize: bool) -> None:
+                   key: str, label: str, metric: str, maximize: bool) -> None:
     points = [{"number": t["number"], "feasible": bool(t.get("feasible")), "pareto": bool(t.get("pareto")),
                "x": _metric(t, key), "y": _metric(t, metric)} for t in trials if t["state"] == "COMPLETE"]
     base_x = 1.0 if key == "latency_ratio" else number(base.get(key))
@@ -145,7 +145,7 @@ def _pareto_figure(page: Page, trials: list[dict[str, Any]], peers: list[dict[st
         page.note(f"No trial, peer or baseline recorded both {metric} and {key}: no plot against {label}.")
         return
     png = plots.pareto_png(points, x_key=key, x_label=label, metric=metric, maximize=maximize,
-                           baseline=baseline, peers=peer_points, log_x=log_x)
+                           baseline=baseline, peers=peer_points)
     page.figure(Figure(f"pareto-{key}", png,
                        f"{metric} against {label}: every completed trial (grey: violates a constraint), the fp32 baseline "
                        "(star), peer tools (green) and the front.",
