@@ -139,3 +139,48 @@ def test_distillation_refuses_mismatched_outputs_and_bad_weights() -> None:
         with pytest.raises(UsageError):
             FinetuneConfig(**kwargs)
     assert kd_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+class DropoutNet(nn.Module):
+    """Linear -> Dropout(0.5) -> Linear: in train mode two calls differ, in eval mode they agree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+        self.seen_training: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_training.append(self.body[1].training)
+        return self.body(x)
+
+
+def test_train_mode_false_trains_without_dropout() -> None:
+    for train_mode in (True, False):
+        model = DropoutNet()
+        train(model, Regression(), FinetuneConfig(steps=3, batch_size=32, train_mode=train_mode), progress=False)
+        assert set(model.seen_training) == {train_mode}
+        assert not model.training  # left in eval mode either way
+
+
+def test_freeze_keeps_selected_modules_fixed() -> None:
+    model = DropoutNet()
+    first = model.body[0].weight.detach().clone()
+    last = model.body[2].weight.detach().clone()
+    train(model, Regression(), FinetuneConfig(steps=5, batch_size=32, lr=0.05, freeze=("body.0",)), progress=False)
+    assert torch.equal(model.body[0].weight, first) and not torch.equal(model.body[2].weight, last)
+    assert model.body[0].weight.requires_grad  # restored after training
+    with pytest.raises(UsageError, match="no_such"):
+        train(model, Regression(), FinetuneConfig(steps=1, freeze=("no_such",)), progress=False)
+    with pytest.raises(UsageError, match="no trainable parameters"):
+        train(model, Regression(), FinetuneConfig(steps=1, freeze=("body.*",)), progress=False)
+
+
+def test_without_cuda_training_stays_on_cpu() -> None:
+    from pared.train import on_accelerator, world
+
+    model = _linear()
+    with on_accelerator(model) as device:
+        assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert model.weight.device.type == "cpu"  # moved back after training
+    assert world() == (0, 1)
