@@ -182,3 +182,16 @@ def test_export_is_refused(tmp_path) -> None:
     with pytest.raises(UsageError, match="cannot be exported"):
         export_onnx(model, (torch.randn(2, 3, 6, 6),), tmp_path / "m.onnx", input_names=["x"])
 
+
+
+def test_compress_refuses_an_onnx_runtime_before_any_work(tmp_path) -> None:
+    from pared.pipeline import compress_task
+
+    class _NeverLoaded:
+        name, primary_metric = "never", "accuracy"
+
+        def model(self):
+            raise AssertionError("the model must not be loaded for a refused runtime")
+
+    with pytest.raises(UsageError, match="PyTorch only"):
+        compress_task(_NeverLoaded(), [EarlyExitConfig(after=AFTER)], tmp_path / "out", runtime="openvino")

@@ -45,6 +45,7 @@ PRDC_FILE = "model.prdc"
 # Techniques whose gain is in storage (zeros, shared values, entropy coding): an ONNX export
 # would store their weights densely again, so "auto" measures them in PyTorch from pared's files.
 STORAGE_TECHNIQUES = {"magnitude_prune", "gradual_prune", "cluster", "entropy_code"}
+EAGER_ONLY_TECHNIQUES = {"early_exit"}  # data-dependent control flow: there is no ONNX graph to export
 
 
 def compress_task(
@@ -97,8 +98,10 @@ def compress_task(
     if out_dir.exists() and not overwrite:
         raise UsageError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
     techniques = {config_to_dict(c)["technique"] for c in recipe}
-    if runtime == "auto" and techniques & STORAGE_TECHNIQUES:
+    if runtime == "auto" and techniques & (STORAGE_TECHNIQUES | EAGER_ONLY_TECHNIQUES):
         runtime = "torch"
+    if runtime != "torch" and techniques & EAGER_ONLY_TECHNIQUES:
+        raise UsageError(f"{sorted(techniques & EAGER_ONLY_TECHNIQUES)[0]} runs in PyTorch only: use --runtime torch or auto")
     torch.set_num_threads(threads)
     step = _Steps(6)
     step("loading the float model")
@@ -158,7 +161,6 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
         save_file({k: v.contiguous() for k, v in fp32.state_dict().items()}, str(fp32_file))
         fp32_bytes = file_bytes(fp32_file)
     deployed = onnx_paths.get("compressed") or next((p for p in (tmp / PRDC_FILE, tmp / WEIGHTS) if p.exists()))
-    macs = count_macs(fp32, inputs)
     act_bytes = activation_bytes(fp32, inputs)
     mac_dtype = _mac_dtype(recipe) if runtime != "torch" else "fp32"
     sides = {
@@ -168,11 +170,13 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
     report: dict[str, Any] = {"task": task.name, "primary_metric": task.primary_metric}
     for side, (model, run, rt, size, dtype) in sides.items():
         peak, mem_method = peak_memory_bytes(run, inputs)
+        # counted on each model: low-rank, channel pruning and early exit change the arithmetic
+        macs = count_macs(model, inputs)
         energy = energy_per_inference(run, inputs, macs=macs, mac_dtype=dtype, weight_bytes=size, activation_bytes=act_bytes)
         report[side] = {
             "size_bytes": size,
             "params": count_params(model),
-            "macs": count_macs(model, inputs) if side == "baseline" else macs,
+            "macs": macs,
             "latency_ms": latency_from_samples(samples[side], runtime=rt, batch=batch, threads=threads, warmup=3).to_dict(),
             "peak_memory_bytes": peak,
             "peak_memory_method": mem_method,

@@ -70,7 +70,7 @@ def measurement_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("Latency", f"batch {lat['batch']}, {lat['threads']} threads, {lat['runs']} timed calls per runner "
                     f"after {lat['warmup']} warm-up calls, runners interleaved round-robin in one process."),
         ("Size", "bytes of the deployed file (fp32: safetensors state_dict; compressed: the artefact the runtime loads)."),
-        ("MACs", "torch FLOP counter on the fp32 graph (compression that keeps shapes keeps MACs)."),
+        ("MACs", "torch FLOP counter on each PyTorch model (int8 layers count as the float matmuls they replace)."),
         ("Peak memory", f"{base['peak_memory_method']}."),
         ("Energy", f"{base['energy_j']['method']} (fp32) / {comp['energy_j']['method']} (compressed)."),
         ("Metrics", "the task's evaluation run through each runtime (the compressed figures come from the deployed artefact)."),
