@@ -27,17 +27,19 @@ from hypothesis import strategies as st
 
 from pared.apply import compress_
 from pared.cli import main
+from pared.cluster import ClusterConfig
 from pared.errors import InputRefused
 from pared.html_report import write_report
 from pared.pipeline import compress_task
 from pared.plots import front_2d
 from pared.prune.sensitivity import save_sensitivity
 from pared.prune.structured import ChannelPruneConfig
-from pared.quant import Int8Config, SmoothQuantConfig
+from pared.quant import Int8Config, SmoothQuantConfig, WeightOnlyConfig
+from pared.quant.smoothquant import SmoothedLinear
 from pared.recipe import load_recipe
 from pared.tasks import get_task
 from pared.testing.models import random_batches, tiny_cnn, tiny_mlp
-from pared.weight_stats import layer_weight_stats
+from pared.weight_stats import effective_weight, layer_weight_stats
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -198,6 +200,33 @@ def test_weight_stats_int8_with_smoothquant_and_folded_batchnorm() -> None:
     cnn = tiny_cnn()
     stats = layer_weight_stats(cnn, compress_(copy.deepcopy(cnn), Int8Config(mode="static"), calib=random_batches((4, 3, 6, 6))))
     assert stats["reference"].startswith("fp32 with BatchNorm folded") and stats["layers"]["conv"]["sqnr_db"] > 30
+
+
+def _weight_only_model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Embedding(50, 64), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+
+
+@pytest.mark.parametrize("configs", [
+    [SmoothQuantConfig(alpha=0.5), Int8Config(mode="weight")],
+    [WeightOnlyConfig(bits=4, group_size=32, method="rtn")],
+    [ClusterConfig(bits=3)],
+], ids=["smoothquant-int8", "int4", "cluster"])
+def test_effective_weight_is_what_each_compressed_layer_computes_with(configs: list) -> None:
+    fp32 = _weight_only_model()
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    compressed = compress_(copy.deepcopy(fp32), configs, calib=[(ids,)] * 2)
+    layers = dict(compressed.named_modules())
+    with torch.no_grad():
+        assert torch.equal(effective_weight(layers["0"])[ids], layers["0"](ids).float())  # embedding rows
+        for name, width in (("1", 64), ("3", 32)):
+            x = torch.randn(4, 6, width)
+            bias = layers[name][1].bias if isinstance(layers[name], SmoothedLinear) else layers[name].bias
+            expected = torch.nn.functional.linear(x, effective_weight(layers[name]), bias)
+            assert torch.allclose(layers[name](x), expected, atol=1e-5), name
+    stats = layer_weight_stats(fp32, compressed)["layers"]
+    assert list(stats) == ["0", "1", "3"]
+    assert all((e["sqnr_db"] is None and e["identical"]) or 5 < e["sqnr_db"] < 60 for e in stats.values()), stats
 
 
 def test_weight_stats_after_channel_pruning_has_no_sqnr() -> None:
