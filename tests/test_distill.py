@@ -290,3 +290,26 @@ def test_features_that_differ_beyond_width_are_refused(digits_fp32: nn.Module) -
 def test_distill_needs_a_trainable_task() -> None:
     with pytest.raises(UsageError, match="distill: .* provides no training data"):
         compress_(tiny_bert(2), DistillConfig(steps=1), context=Context(task=object()))
+
+
+def test_distilled_student_reloads_from_its_recipe(tmp_path) -> None:
+    """drop_layers + distill as a YAML recipe: the artefact rebuilds the 2-layer student."""
+    from pared.artefact import load_artefact, save_artefact
+    from pared.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(
+        "name: student\nsteps:\n  - technique: drop_layers\n    keep: [1, 3]\n"
+        "  - technique: distill\n    steps: 3\n    batch_size: 16\n    hidden: 1.0\n    freeze: ['*word_embeddings']\n"
+    )
+    recipe = load_recipe(str(tmp_path / "r.yaml"))
+    task = TokenDistillTask(samples=32)
+    ctx = Context(task=task)
+    student = compress_(task.model(), recipe, context=ctx)
+    assert [s["technique"] for s in ctx.summary] == ["drop_layers", "distill"]
+    # the frozen token table is the teacher's
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, task.model().bert.embeddings.word_embeddings.weight)
+    (tmp_path / "art").mkdir()
+    save_artefact(student, tmp_path / "art", recipe=recipe, source=None, structure=ctx.structure)
+    reloaded = load_artefact(tmp_path / "art", model=task.model())
+    with torch.no_grad():
+        assert torch.equal(reloaded(task.ids, task.mask), student(task.ids, task.mask))
