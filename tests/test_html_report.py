@@ -291,6 +291,18 @@ def test_mutated_search_json_renders_or_is_refused_in_one_line(path: tuple, valu
             assert written["files"][0].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_a_broken_pareto_point_folder_does_not_hide_the_search(tmp_path: Path) -> None:
+    doc = _small_search()
+    doc["trials"][2]["artefact"] = "points/trial-0002"
+    (tmp_path / "points" / "trial-0002").mkdir(parents=True)
+    (tmp_path / "points" / "trial-0002" / "report.json").write_text('{"baseline": ', encoding="utf-8")
+    (tmp_path / "search.json").write_text(json.dumps(doc), encoding="utf-8")
+    write_report(tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Skipped a Pareto point: malformed JSON in" in page and "histograms" not in _figures(page)
+    assert _figures(page)[:3] == ["pareto-latency_ratio", "pareto-size_bytes", "pareto-energy_j"]
+
+
 def _bad_folders(root: Path) -> dict[str, tuple[Path, int, str]]:
     empty = root / "empty"
     empty.mkdir()

@@ -66,9 +66,11 @@ def render_search(directory: Path, doc: dict[str, Any]) -> tuple[str, str, dict[
         page.note("This search recorded no per-layer sensitivity.")
 
     page.heading("Weights of the best Pareto point")
-    point_report, point = _best_point_report(directory, chosen)
+    point_report, point, unreadable = _best_point_report(directory, chosen)
+    for problem in unreadable:
+        page.note(f"Skipped a Pareto point: {problem}")
     if point_report is None:
-        page.note("No Pareto point folder with a report.json (points/trial-NNNN/) to take weight histograms from.")
+        page.note("No Pareto point folder with a readable report.json (points/trial-NNNN/) to take weight histograms from.")
     else:
         add_weight_figures(page, point_report.get("weights"), source=f"trial {point['number']}'s compress run")
 
@@ -81,10 +83,7 @@ def render_search(directory: Path, doc: dict[str, Any]) -> tuple[str, str, dict[
     page.heading("How each figure was measured")
     notes = _search_notes(doc, constraints)
     if point_report is not None:
-        try:
-            notes += [(f"{what} (trial {point['number']})", how) for what, how in measurement_notes(point_report)]
-        except (KeyError, TypeError) as exc:
-            raise InputRefused(f"{directory / point['artefact']}/report.json: missing field {exc}") from None
+        notes += [(f"{what} (trial {point['number']})", how) for what, how in measurement_notes(point_report)]
     page.definitions(notes)
 
     markdown = "\n".join([
@@ -183,12 +182,24 @@ def _value_cells(entry: dict[str, Any], metric: str) -> list[float | None]:
     return [_metric(entry, k) for k in (metric, "latency_ms", "latency_ratio", "size_bytes", "size_ratio", "energy_j")]
 
 
-def _best_point_report(directory: Path, chosen: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _best_point_report(directory: Path, chosen: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+    """The report.json of the best Pareto point that has a readable one, that point, and why
+    better points were skipped: one broken point folder must not hide the whole search."""
+    skipped = []
     for t in chosen:  # already best first
         rel = safe_link(directory, t.get("artefact"))
-        if rel and (directory / rel / "report.json").is_file():
-            return load_json(directory / rel / "report.json"), t
-    return None, {}
+        if not rel or not (directory / rel / "report.json").is_file():
+            continue
+        try:
+            report = load_json(directory / rel / "report.json")
+            measurement_notes(report)
+        except InputRefused as exc:
+            skipped.append(str(exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            skipped.append(f"{directory / rel / 'report.json'}: unusable content ({type(exc).__name__}: {exc})")
+        else:
+            return report, t, skipped
+    return None, {}, skipped
 
 
 def _search_notes(doc: dict[str, Any], constraints: str) -> list[tuple[str, str]]:
