@@ -108,7 +108,7 @@ def test_int8_keeps_every_zero_weight(w: torch.Tensor, mode: str) -> None:
 
 
 @PROPS
-@given(sparse_weights(rows=(1, 1), cols=(32, 64)), st.sampled_from([4, 8]))
+@given(sparse_weights(rows=(1, 1), cols=(32,)), st.sampled_from([4, 8]))
 def test_group_wise_rtn_keeps_every_zero_weight(w: torch.Tensor, bits: int) -> None:
     codes, scales, zeros = rtn_quantize(w, bits=bits, group_size=32)
     assert bool((dequantize_groups(codes, scales, zeros)[w == 0] == 0).all())
