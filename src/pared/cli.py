@@ -147,7 +147,7 @@ def search(
 
 @app.command()
 def report(
-    directory: Path = typer.Argument(..., help="Output folder of pared compress or pared search."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="Output folder of pared compress or pared search."),
 ) -> None:
     """Render DIR (a compress or search output) to a self-contained report.html, plus report.md and report.json."""
     from pared.html_report import write_report
