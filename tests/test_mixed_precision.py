@@ -206,3 +206,25 @@ def test_bad_models_and_artefacts_are_refused() -> None:
         compress_(bad, MixedPrecisionConfig(plan={"*": "int4"}, method="rtn"))
     with pytest.raises(InputRefused, match="cannot rebuild"):
         compress_(EmbedMLP(), MixedPrecisionConfig(budget_bytes=10**6), context=Context(skeleton=True, structure={}))
+
+
+def test_builtin_int4_mixed_recipe_on_a_small_bert_encoder() -> None:
+    transformers = pytest.importorskip("transformers")
+    from pared.recipe import load_recipe
+    from pared.tasks.minilm import SentenceEncoder
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=32)
+    model = SentenceEncoder(transformers.BertModel(config)).eval()
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    calib = [(ids, torch.ones_like(ids))]
+    q = compress_(copy.deepcopy(model), load_recipe("int4-mixed"), calib=calib)
+    emb, layer = q.bert.embeddings, q.bert.encoder.layer[0]
+    assert type(emb.token_type_embeddings) is nn.Embedding
+    assert isinstance(emb.position_embeddings, QuantEmbeddingNBits) and emb.position_embeddings.bits == 8
+    assert isinstance(emb.word_embeddings, QuantEmbeddingNBits) and emb.word_embeddings.bits == 4
+    assert isinstance(layer.attention.self.query, QuantLinearNBits) and layer.attention.self.query.bits == 4
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(model(*calib[0]), q(*calib[0])).min()
+    assert cos > 0.9
