@@ -200,19 +200,21 @@ def _n_done(out: Path) -> int:
 
 
 def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Kills at random moments (the second by Ctrl-C: the trial is marked FAIL and enqueued on the
+    way out), each followed by --resume; the finished trials equal an uninterrupted run's."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = _worker(whole)
     rng = random.Random(7)
     proc = _worker(killed)
-    for round_ in range(3):
+    for round_, sig in enumerate((signal.SIGKILL, signal.SIGINT, signal.SIGKILL)):
         start = _n_done(killed)
         deadline = time.monotonic() + 60
         while _n_done(killed) <= start and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.4))  # somewhere inside a trial, or between two
         assert proc.poll() is None, f"the worker ended before kill {round_ + 1}: {proc.stderr.read().decode()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) != 0
         proc = _worker(killed, "--resume")
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
     assert reference.wait(timeout=120) == 0, reference.stderr.read().decode()[-2000:]
@@ -222,6 +224,24 @@ def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(tmp_path):
     study_trials = json.loads((killed / "search.json").read_text())["trials"]
     numbers = [t["number"] for t in study_trials]
     assert len(numbers) == len(set(numbers))
+    assert any("run again" in (t["error"] or "") for t in study_trials)  # the interrupted trials
+
+
+def test_ctrl_c_prints_the_exact_resume_command(tmp_path, monkeypatch, capsys):
+    import pared.search
+    from pared import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pared.search, "search", interrupted)
+    argv = ["pared", "search", "--model", "digits", "--out", str(tmp_path / "s"), "--constraint", "metric_drop <= 0.5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert f"pared search --model digits --out {tmp_path / 's'} --constraint 'metric_drop <= 0.5' --resume" in err
 
 
 def test_logical_index_skips_retried_trials():
