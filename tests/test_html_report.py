@@ -291,6 +291,25 @@ def test_mutated_search_json_renders_or_is_refused_in_one_line(path: tuple, valu
             assert written["files"][0].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_renders_the_folder_pared_search_itself_writes(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from search_synthetic import SyntheticEvaluator  # cheap trials; the search's own output code
+
+    from pared.search import SearchSpec, search
+
+    doc = search(SearchSpec(model="digits", out=str(tmp_path / "s"), trials=5, sampler="random", seed=1,
+                            constraints=("metric_drop <= 2",)), evaluator=SyntheticEvaluator())
+    write_report(tmp_path / "s")
+    page = (tmp_path / "s" / "report.html").read_text(encoding="utf-8")
+    assert _figures(page)[:4] == ["pareto-latency_ratio", "pareto-size_bytes", "pareto-energy_j", "sensitivity"]
+    table = re.search(r'<table data-table="before-after">.*?</table>', page, re.S).group(0)
+    front = [t for t in doc["trials"] if t["pareto"]]
+    assert front and table.count('class="pareto"') == len(front)
+    assert all(f'href="{t["recipe"]}"' in table for t in front)
+    summary = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert summary["counts"]["pareto"] == len(front) and summary["counts"]["COMPLETE"] + summary["counts"]["PRUNED"] == 5
+
+
 def test_a_broken_pareto_point_folder_does_not_hide_the_search(tmp_path: Path) -> None:
     doc = _small_search()
     doc["trials"][2]["artefact"] = "points/trial-0002"
