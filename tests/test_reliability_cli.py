@@ -71,6 +71,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     good = tiny_mlp().state_dict()
     save_file(good, root / "good.safetensors")
     save_file({k: torch.zeros(3) for k in good}, root / "misfit.safetensors")
+    partial = {k: v for k, v in good.items() if k != "2.bias"}
+    save_file({**partial, "extra": torch.zeros(2)}, root / "partial.safetensors")
     save_file({**good, "0.weight": torch.full_like(good["0.weight"], float("nan"))}, root / "nan.safetensors")
     data = (root / "good.safetensors").read_bytes()
     (root / "cut.safetensors").write_bytes(data[: len(data) // 2])
@@ -231,3 +233,28 @@ def test_unsafe_load_reaches_the_artefact_manifest(files: Path, tmp_path: Path, 
     compress_task(task, load_recipe("int8-dynamic"), tmp_path / "out", runtime="torch", latency_rounds=1, source=source)
     recorded = read_manifest(tmp_path / "out")["source"]
     assert recorded["unsafe_load"] is True and recorded["weights_sha256"] == sha256_file(files / "plain.pt")
+
+
+# ---------------------------------------------------------------- case 16: --non-strict
+
+
+def test_non_strict_loads_what_fits_lists_the_rest_and_is_recorded(files: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    argv = ["profile", "--model", FACTORY, "--weights", str(files / "partial.safetensors"), "--input-shape", "2,16",
+            "--rounds", "1", "--json"]  # fmt: skip
+    refused = _cli(argv, monkeypatch, capsys)
+    assert refused.code == 3 and "--non-strict" in _one_error_line(refused)
+    with pytest.warns(UserWarning, match=r"skipped 1 missing \(2.bias\); 1 unexpected \(extra\)") as caught:
+        loaded = _cli([*argv, "--non-strict"], monkeypatch, capsys)
+    assert loaded.code == 0, loaded.err
+    shown = cli._one_line_warning(caught[0].message, UserWarning, "loading.py", 1)  # how the CLI prints it
+    assert shown.startswith("warning: non-strict load from ") and shown.count("\n") == 1
+    task, source = cli._task_for(FACTORY, weights=str(files / "partial.safetensors"), input_shape="2,16",
+                                 trust_pickle=False, non_strict=True)  # fmt: skip
+    assert source["non_strict"] is True
+    assert torch.equal(task.model()[0].weight, tiny_mlp().state_dict()["0.weight"])  # what fits was loaded
+    from pared.artefact import _rebuild_source
+
+    rebuilt = _rebuild_source(source)  # an artefact's rebuild loads its source the same way
+    assert torch.equal(rebuilt[0].weight, tiny_mlp().state_dict()["0.weight"])
+    with pytest.raises(InputRefused, match="do not fit"):
+        _rebuild_source({**source, "non_strict": False})

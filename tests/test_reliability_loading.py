@@ -321,7 +321,7 @@ def test_symlink_to_directory_and_dangling_symlink(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- 16. state dicts that do not fit
 
 
-def test_misfit_message_names_the_kinds_and_no_phantom_flag() -> None:
+def test_misfit_message_names_the_kinds_and_the_opt_in() -> None:
     model = tiny_mlp()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["0.weight"] = torch.zeros(3, 3)
@@ -333,5 +333,5 @@ def test_misfit_message_names_the_kinds_and_no_phantom_flag() -> None:
     message = str(info.value)
     assert "1 missing (2.bias)" in message and "1 unexpected (extra)" in message
     assert "0.weight: file [3, 3] vs model [32, 16]" in message
-    assert "--non-strict" not in message  # the CLI has no such flag; the API's strict=False does it
+    assert "--non-strict" in message
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "partial load"

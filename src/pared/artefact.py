@@ -240,7 +240,8 @@ def _rebuild_source(source: Any) -> nn.Module:
     if kind == "factory":
         model = load_factory(str(source.get("spec")))
         if source.get("weights"):
-            load_into(model, load_state_dict_file(source["weights"]), strict=True)
+            strict = not source.get("non_strict", False)  # rebuild exactly as the compress run loaded
+            load_into(model, load_state_dict_file(source["weights"]), strict=strict)
         return model
     if kind == "hf-directory":
         return load_hf_directory(Path(str(source.get("path"))))

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -41,6 +42,7 @@ def compress(
     allow_regression: bool = typer.Option(False, help="Write the artefact even if --max-drop fails."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files (runs code from the file: only for files you trust)."),
+    non_strict: bool = typer.Option(False, "--non-strict", help="Load only the --weights that fit the factory's model and list the rest (default: refuse, exit 3)."),
 ) -> None:
     """Compress a model with a recipe; write the artefacts, report.md and report.json into OUT."""
     from pared.pipeline import compress_task
@@ -49,7 +51,8 @@ def compress(
     configs = load_recipe(recipe)  # validated before the model loads
     if out.exists() and not overwrite:
         raise UsageError(f"output directory already exists: {out} (pass --overwrite to replace it)")
-    task, source = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
+    task, source = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle,
+                             non_strict=non_strict)
     report = compress_task(
         task, configs, out, recipe_name=Path(recipe).stem, runtime=runtime, threads=threads, batch=batch,
         latency_rounds=rounds, overwrite=overwrite, max_drop=max_drop, allow_regression=allow_regression, source=source,
@@ -68,11 +71,13 @@ def profile(
     input_shape: Optional[str] = typer.Option(None, help="Input shape for a bare-module factory, e.g. 1,3,32,32."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files."),
+    non_strict: bool = typer.Option(False, "--non-strict", help="Load only the --weights that fit the factory's model and list the rest (default: refuse, exit 3)."),
 ) -> None:
     """Measure a float model: parameters, size, MACs, latency, peak memory, energy and its task metric."""
     from pared.profile import profile_task
 
-    task, _ = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
+    task, _ = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle,
+                        non_strict=non_strict)
     result = profile_task(task, batch=batch, threads=threads, rounds=rounds)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=float))
@@ -156,12 +161,15 @@ def report(
     typer.echo(f"{written['kind']} report: wrote " + ", ".join(str(p) for p in written["files"]))
 
 
-def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_pickle: bool) -> tuple[Any, dict[str, Any]]:
+def _task_for(
+    spec: str, *, weights: str | None, input_shape: str | None, trust_pickle: bool, non_strict: bool = False
+) -> tuple[Any, dict[str, Any]]:
     from pared.loading import resolve_model
     from pared.tasks import BUILTIN_TASKS, get_task
     from pared.tasks.fidelity import fidelity_task, hf_encoder_task
 
-    kind, module = resolve_model(spec, weights=weights, trust_pickle=trust_pickle, builtin_names=BUILTIN_TASKS)
+    kind, module = resolve_model(spec, weights=weights, trust_pickle=trust_pickle, builtin_names=BUILTIN_TASKS,
+                                 strict=not non_strict)
     if kind == "builtin":
         return get_task(spec), {"kind": "builtin", "name": spec}
     if kind == "hf-directory":
@@ -171,6 +179,8 @@ def _task_for(spec: str, *, weights: str | None, input_shape: str | None, trust_
         from pared.artefact import sha256_file
 
         source.update(unsafe_load=True, weights_sha256=sha256_file(Path(weights)))
+    if non_strict and weights:  # the artefact rebuilds its source the same way
+        source["non_strict"] = True
     if input_shape is None:
         raise UsageError("a factory returning a bare nn.Module needs --input-shape (or return a pared UserTask)")
     return fidelity_task(spec, module, _shape(input_shape)), source
@@ -191,6 +201,8 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PARED_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         code = app(standalone_mode=False)
     except ParedError as exc:
@@ -221,6 +233,12 @@ def main() -> None:
 
 
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """``warning: <message>``: no file name and source line (those come with --debug)."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def _fail(code: int, message: str, debug: bool) -> NoReturn:

@@ -522,9 +522,10 @@ def load_into(
         if strict:
             raise InputRefused(
                 f"weights{where} do not fit the model: {report.describe()} "
-                "(the Python API's load_into(..., strict=False) loads only what fits)"
+                "(--non-strict, or strict=False in the API, loads only what fits)"
             )
-        logger.warning("non-strict load%s skipped %s", where, report.describe())
+        # A warning, not a log record: the CLI has no logging set up and must show the list.
+        warnings.warn(f"non-strict load{where} skipped {report.describe()}", UserWarning, stacklevel=2)
     expected = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     model.load_state_dict(fitting, strict=False)
@@ -756,6 +757,7 @@ def resolve_model(
     weights: str | None = None,
     trust_pickle: bool = False,
     builtin_names: tuple[str, ...] = ("minilm", "digits"),
+    strict: bool = True,
 ) -> tuple[str, nn.Module | None]:
     """Resolve the CLI's ``--model`` value.
 
@@ -764,6 +766,8 @@ def resolve_model(
         weights: a weights file loaded strictly into a factory's model.
         trust_pickle: let pickle-based weights run code (the explicit opt-in).
         builtin_names: names the caller resolves itself (``pared.tasks.get_task``).
+        strict: refuse ``weights`` that do not fit exactly; False loads what fits and logs the
+            rest (``--non-strict``).
 
     Returns:
         ``(kind, model)``: "builtin" (model None), "factory", "state-dict" (factory + weights)
@@ -792,7 +796,7 @@ def resolve_model(
         if weights is None:
             return "factory", model
         state = load_state_dict_file(weights, trust_pickle=trust_pickle)
-        load_into(model, state, strict=True, source=weights)
+        load_into(model, state, strict=strict, source=weights)
         return "state-dict", model
     raise UsageError(
         f"model not found: '{spec}' is not a built-in name ({', '.join(builtin_names)}), "
