@@ -15,7 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pared.errors import InputRefused
-from pared.testing.fuzz import TARGETS, Target, _peak_rss_mb, check_one, fuzz, main, mutate, next_input
+from pared.testing.fuzz import (
+    TARGETS,
+    Target,
+    _peak_rss_mb,
+    check_one,
+    fuzz,
+    main,
+    mutate,
+    next_input,
+)
 
 # Inputs per loader in the normal suite: each target stays within a few seconds.
 EXAMPLES = {"safetensors": 200, "torch-pickle": 150, "onnx": 100, "artefact": 100, "prdc": 200, "recipe": 200,

@@ -26,9 +26,16 @@ from pared.artefact import WEIGHTS, save_artefact, sparse_decode, sparse_encode
 from pared.errors import InputRefused
 from pared.loading import load_state_dict_file
 from pared.prune import MagnitudePruneConfig, follows_nm, nm_mask
-from pared.quant import Int8Config, WeightOnlyConfig
+from pared.quant import Int8Config
 from pared.quant.gptq import dequantize_groups, rtn_quantize
-from pared.quant.primitives import MIN_SCALE, choose_qparams, dequantize, fake_quantize, qrange, quantize
+from pared.quant.primitives import (
+    MIN_SCALE,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    qrange,
+    quantize,
+)
 from pared.testing.models import random_batches, tiny_mlp
 
 PROPS = settings(max_examples=200, deadline=None, database=None)

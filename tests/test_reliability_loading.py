@@ -7,7 +7,6 @@ import io
 import json
 import operator
 import os
-import pickle
 import resource
 import signal
 import struct
