@@ -48,6 +48,7 @@ class Evil:
 
 def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Result:
     monkeypatch.setattr(sys, "argv", ["pared", *argv])
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it
     code = 0
     try:
         cli.main()
