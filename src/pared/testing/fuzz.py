@@ -468,19 +468,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    logging.disable(logging.WARNING)  # non-strict loads and transformers would log every input
-    warnings.simplefilter("ignore")  # only the JSON lines on stdout/stderr
     failed = False
-    for name in args.target or sorted(TARGETS):
-        result = fuzz(TARGETS[name], iterations=args.iterations, seed=args.seed, hang_seconds=args.hang_seconds)
-        findings = result.pop("_findings")
-        for i, f in enumerate(findings):
-            args.save_dir.mkdir(parents=True, exist_ok=True)
-            (args.save_dir / f"{name}-{i}.bin").write_bytes(f.data)
-        failed |= bool(findings)
-        print(json.dumps(result), flush=True)
+    # Only the JSON lines on stdout: transformers and non-strict loads would log every input.
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in args.target or sorted(TARGETS):
+                result = fuzz(TARGETS[name], iterations=args.iterations, seed=args.seed,
+                              hang_seconds=args.hang_seconds)  # fmt: skip
+                findings = result.pop("_findings")
+                for i, f in enumerate(findings):
+                    args.save_dir.mkdir(parents=True, exist_ok=True)
+                    (args.save_dir / f"{name}-{i}.bin").write_bytes(f.data)
+                failed |= bool(findings)
+                print(json.dumps(result), flush=True)
+    finally:
+        logging.disable(logging.NOTSET)  # main() may be called in-process (the tests do)
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
