@@ -19,11 +19,13 @@ that did are written to ``--save-dir`` for replay.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import hashlib
 import json
 import random
 import resource
+import shutil
 import signal
 import struct
 import sys
@@ -243,6 +245,7 @@ class _Scratch:
     def path(cls, name: str) -> Path:
         if cls._dir is None:
             cls._dir = Path(tempfile.mkdtemp(prefix="pared-fuzz-"))
+            atexit.register(shutil.rmtree, cls._dir, True)
         return cls._dir / name
 
 
@@ -321,9 +324,10 @@ def _artefact_seeds() -> list[bytes]:
     from pared.quant import Int8Config
 
     seeds = []
-    for recipe in ([Int8Config(mode="dynamic")], [MagnitudePruneConfig(sparsity=0.75)]):
+    for i, recipe in enumerate(([Int8Config(mode="dynamic")], [MagnitudePruneConfig(sparsity=0.75)])):
         model = compress_(_artefact_model(), recipe)
-        folder = Path(tempfile.mkdtemp(prefix="pared-fuzz-seed-"))
+        folder = _Scratch.path(f"artefact-seed-{i}")
+        folder.mkdir(exist_ok=True)
         save_artefact(model, folder, recipe=recipe, source=None)
         seeds.append(_pack({p.name: p.read_bytes() for p in folder.iterdir()}))
     return seeds
@@ -428,8 +432,6 @@ def _hf_seeds() -> list[bytes]:
 
 
 def _load_hf(config: bytes) -> Any:
-    import shutil
-
     from pared.loading import load_hf_directory
 
     folder = _Scratch.path("hf")
