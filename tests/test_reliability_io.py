@@ -126,7 +126,7 @@ def _saving_forever(out: Path, variants, *, start: int) -> Callable[[], None]:
 def test_100_sigkills_during_saves_leave_previous_version_or_nothing(tmp_path: Path, variants) -> None:
     started = time.perf_counter()
     rng = random.Random(29)
-    window = 1.5 * _save_seconds(tmp_path, variants)  # kills land before, during and between saves
+    window = 2.5 * _save_seconds(tmp_path, variants)  # kills land before, during and between saves
     out = tmp_path / "out"
     last = -1  # newest complete version seen; -1: none written yet
     kills_mid_write = 0
