@@ -53,6 +53,7 @@ BUDGET_MIN = {"minilm": 60.0, "digits": 15.0}
 MAX_DROP = {"minilm": 0.02, "digits": 0.5}
 OBJECTIVES = ("metric", "latency", "size")
 BATCH = 8
+SHOWN = ("metric_drop", "latency_ratio", "latency_ms", "size_bytes", "size_ratio")
 # Known starting points, tried first (params of pared's own spaces): the built-in int8 and int4
 # recipes, and pruning followed by quantization (docs/pruning-structured.md).
 INT8_STATIC = {"quantize": "int8", "int8.mode": "static", "int8.calibration": "minmax"}
@@ -155,14 +156,14 @@ def report(task: str, out: Path, doc: dict[str, Any], peers: list[dict[str, Any]
         m = t["metrics"]
         emit({"bench": "search", "task": task, "point": t["number"], "feasible": t["feasible"],
               "techniques": [s["technique"] for s in _steps(out, t)], "params": t["params"],
-              **{k: m.get(k) for k in (primary, "metric_drop", "latency_ratio", "latency_ms", "size_bytes", "size_ratio")}})
+              **{k: m.get(k) for k in (primary, *SHOWN)}})
     dominated = {}
     for p in peers:
         pv = [p["metrics"][k] for k in keys]
         by = next((t["number"] for t in complete if dominates([t["metrics"][k] for k in keys], pv, dirs)), None)
         dominated[p["name"]] = by
         emit({"bench": "search", "task": task, "peer": p["name"], "runtime": p["runtime"], "dominated_by_trial": by,
-              **{k: p["metrics"].get(k) for k in (primary, "metric_drop", "latency_ratio", "latency_ms", "size_bytes", "size_ratio")}})
+              **{k: p["metrics"].get(k) for k in (primary, *SHOWN)}})
     checks: dict[str, Any] = {}
 
     def best(cond, key, lower=True):

@@ -24,7 +24,8 @@ from pared.search import SearchSpec, register_space, registered_spaces, search
 from pared.search import space as space_module
 from pared.search.cli_support import parse_duration
 from pared.search.objectives import dominates, pareto_indices, parse_constraint, parse_objectives
-from pared.search.study import load_study, logical_index, open_storage
+from pared.search.sampler import logical_index, superseded
+from pared.search.study import load_study, open_storage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from search_synthetic import SyntheticEvaluator  # noqa: E402
@@ -75,6 +76,11 @@ def test_existing_search_needs_resume_or_overwrite(tmp_path):
         search(spec(tmp_path, trials=1), evaluator=SyntheticEvaluator())
     with pytest.raises(UsageError, match=r"different search \(seed: 0 -> 1\)"):
         search(spec(tmp_path, trials=2, seed=1), evaluator=SyntheticEvaluator(), resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="holds no search"):
+        search(spec(tmp_path, out=str(tmp_path / "other")), evaluator=SyntheticEvaluator(), overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").exists()
     with pytest.raises(UsageError, match="nothing to resume"):
         search(spec(tmp_path, out=str(tmp_path / "empty")), evaluator=SyntheticEvaluator(), resume=True)
 
@@ -179,8 +185,6 @@ def _finished(out: Path, storage: str | None = None) -> set[tuple[str, str, str]
     s = SearchSpec(model="digits", out=str(out), trials=8, constraints=("metric_drop <= 2",), storage=storage)
     study = load_study(s, open_storage(s, fresh=False, overwrite=False))
     trials = study.get_trials(deepcopy=False)
-    from pared.search.study import superseded
-
     gone = superseded(trials)
     return {(t.state.name, json.dumps(t.params, sort_keys=True), json.dumps(t.values))
             for t in trials if t.number not in gone and t.state.is_finished()}

@@ -76,7 +76,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):
     cmd = [sys.executable, str(WORKER), str(out), "--storage", postgres_url, "--join", "--trials", "8", "--sleep", "0.5"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [p.communicate(timeout=180) for p in procs]
-    for p, (_, err) in zip(procs, results):
+    for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err.decode()[-2000:]
     calls = sum(json.loads(o.decode().strip().splitlines()[-1])["calls"] for o, _ in results)
     spec = SearchSpec(model="digits", out=str(out), trials=8, constraints=("metric_drop <= 2",), storage=postgres_url)

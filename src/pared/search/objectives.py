@@ -128,7 +128,7 @@ def metrics_from_report(report: dict[str, Any]) -> dict[str, float]:
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
     """True when ``a`` is at least as good as ``b`` in every objective and better in one."""
     better = False
-    for x, y, d in zip(a, b, directions):
+    for x, y, d in zip(a, b, directions, strict=True):
         if d == "maximize":
             x, y = -x, -y
         if x > y:

@@ -45,7 +45,8 @@ def record_peers(study: optuna.Study, peers: list[dict[str, Any]]) -> None:
 
 def write_outputs(study: optuna.Study, out: Path) -> dict[str, Any]:
     """Rewrite ``search.json``, ``pareto.md``, the recipes and the kept points; return the JSON."""
-    from pared.search.study import BASELINE_ATTR, INFO_ATTR, SPEC_ATTR, superseded
+    from pared.search.sampler import superseded
+    from pared.search.study import BASELINE_ATTR, INFO_ATTR, SPEC_ATTR
 
     out = Path(out)
     attrs = study.user_attrs
@@ -59,7 +60,8 @@ def write_outputs(study: optuna.Study, out: Path) -> dict[str, Any]:
         "task": spec["model"],
         "runtime": spec["runtime"],
         "batch": spec["batch"],
-        "objectives": [{"name": n, "direction": d.name.lower()} for n, d in zip(_objective_names(study), study.directions)],
+        "objectives": [{"name": n, "direction": d.name.lower()}
+                       for n, d in zip(_objective_names(study), study.directions, strict=True)],
         "constraints": list(spec["constraints"]),
         "baseline": _baseline(attrs[BASELINE_ATTR], finished),
         "trials": rows,

@@ -9,15 +9,12 @@ PostgreSQL for many workers), so a search survives being killed:
 - a trial that raises, runs out of memory (``MemoryError``) or yields a NaN objective is FAIL with
   the reason recorded, and the study goes on.
 
-Determinism: the sampler is rebuilt for every trial with a seed derived from the trial's
-*logical index* (its number minus the killed trials before it), so a resumed search proposes
-the same params as an uninterrupted one with the same seed.
+Determinism: see ``pared.search.sampler``: a resumed search proposes the same params as an
+uninterrupted one with the same seed.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import dataclasses
 import math
 import os
@@ -25,8 +22,6 @@ import shutil
 import socket
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,14 @@ from pared.config import config_to_dict
 from pared.errors import EnvironmentIOError, UsageError
 from pared.search import output
 from pared.search.evaluate import CompressEvaluator, Evaluator
-from pared.search.objectives import Constraint, Objective, metrics_from_report, parse_constraint, parse_objectives
+from pared.search.objectives import (
+    Constraint,
+    Objective,
+    metrics_from_report,
+    parse_constraint,
+    parse_objectives,
+)
+from pared.search.sampler import PerTrialSeedSampler, _quiet, superseded
 from pared.search.space import ModelInfo, build_recipe, select_spaces
 
 DB_FILE = "study.db"
@@ -48,16 +50,6 @@ SAMPLERS = ("tpe", "nsga2", "random")
 SPEC_ATTR, BASELINE_ATTR, INFO_ATTR = "pared_spec", "pared_baseline", "pared_info"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # Heartbeats are "experimental" and constraints_func "deprecated" in Optuna 5, yet both are
-    # the documented way to get stale-trial retries and constrained TPE/NSGA-II on Optuna 4.9-5.x.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
 
 
 @dataclasses.dataclass
@@ -191,6 +183,8 @@ def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.st
     """
     out = Path(spec.out)
     if fresh and out.exists() and any(out.iterdir()):
+        if not ((out / DB_FILE).exists() or (out / "search.json").exists()):
+            raise UsageError(f"{out} is not empty and holds no search: choose a new --out")  # never delete it
         if not overwrite:
             raise UsageError(f"{out} already holds a search: pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(out)
@@ -303,40 +297,6 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         system_attrs={"failed_trial": history[0], "retry_history": history}))
 
 
-def superseded(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the trials that were retried (killed, then enqueued again)."""
-    out: set[int] = set()
-    for t in trials:
-        out.update(t.system_attrs.get("retry_history", []))
-    return out
-
-
-def logical_index(trials: list[FrozenTrial], number: int) -> int:
-    """Trial ``number``'s position in an uninterrupted run: killed-and-retried trials don't count."""
-    gone = sorted(superseded(trials))
-    return number - bisect.bisect_left(gone, number)
-
-
-class _InIndexOrder:
-    """The study as the sampler sees it: retried trials hidden, the others in logical-index
-    order, so a resumed search shows the sampler exactly the history an uninterrupted one does."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=None, use_cache=use_cache)
-        gone = sorted(superseded(trials))
-        kept = [t for t in trials if t.number not in gone and (states is None or t.state in states)]
-        return sorted(kept, key=lambda t: t.number - bisect.bisect_left(gone, t.number))
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy, states)
-
-
 def _more_to_do(study: optuna.Study, budget: int | None, deadline: float | None) -> bool:
     if deadline is not None and time.monotonic() >= deadline:
         return False
@@ -346,59 +306,6 @@ def _more_to_do(study: optuna.Study, budget: int | None, deadline: float | None)
     if any(t.state == TrialState.WAITING for t in live):
         return True
     return budget is None or len(live) < budget
-
-
-class PerTrialSeedSampler(optuna.samplers.BaseSampler):
-    """Delegates to a fresh TPE / NSGA-II / random sampler seeded by the trial's logical index.
-
-    Optuna samplers draw from one RNG seeded at construction, so a resumed process would draw
-    different params from an uninterrupted one. Reseeding per trial makes trial i's proposal a
-    function of (seed, i, finished history) only.
-    """
-
-    def __init__(self, kind: str, seed: int, n_constraints: int) -> None:
-        self.kind, self.seed, self.n_constraints = kind, seed, n_constraints
-        self._inner: tuple[int, optuna.samplers.BaseSampler] | None = None
-
-    def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
-        if self._inner is None or self._inner[0] != trial.number:
-            index = logical_index(study.get_trials(deepcopy=False), trial.number)
-            self._inner = (trial.number, self._make(self.seed * 1_000_003 + index))
-        return self._inner[1]
-
-    def _make(self, seed: int) -> optuna.samplers.BaseSampler:
-        with _quiet():
-            return self._sampler(seed)
-
-    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        constraints = self._constraints if self.n_constraints else None
-        if self.kind == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=10)
-        if self.kind == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, constant_liar=True,
-                                          n_startup_trials=8)
-
-    def _constraints(self, trial: FrozenTrial) -> list[float]:
-        return list(trial.user_attrs.get("constraints") or [1.0] * self.n_constraints)
-
-    def infer_relative_search_space(self, study, trial):  # noqa: D102 - Optuna's API
-        return self._for(study, trial).infer_relative_search_space(_InIndexOrder(study), trial)
-
-    def sample_relative(self, study, trial, search_space):  # noqa: D102
-        return self._for(study, trial).sample_relative(_InIndexOrder(study), trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: D102
-        return self._for(study, trial).sample_independent(_InIndexOrder(study), trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial):  # noqa: D102
-        self._for(study, trial).before_trial(_InIndexOrder(study), trial)
-
-    def after_trial(self, study, trial, state, values):  # noqa: D102
-        self._for(study, trial).after_trial(_InIndexOrder(study), trial, state, values)
-
-    def reseed_rng(self) -> None:  # noqa: D102 - seeds come from the trial index, never from here
-        pass
 
 
 class _Worker:
@@ -439,7 +346,7 @@ class _Worker:
         base = float(report["baseline"]["metrics"][self.primary])
         trial.set_user_attr("constraints", [c.violation(metrics, base) for c in self.constraints])
         values = [float(metrics[o.name]) for o in self.objectives]
-        bad = [o.name for o, v in zip(self.objectives, values) if not math.isfinite(v)]
+        bad = [o.name for o, v in zip(self.objectives, values, strict=True) if not math.isfinite(v)]
         if bad:
             exc = FloatingPointError(f"non-finite objective(s) {bad}")
             trial.set_user_attr("error", _one_line(exc))
@@ -493,5 +400,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["SearchSpec", "search", "prepare", "run_worker", "load_study", "open_storage", "retry_trial",
-           "logical_index", "PerTrialSeedSampler"]
+__all__ = ["SearchSpec", "search", "prepare", "run_worker", "load_study", "open_storage", "retry_trial"]
