@@ -181,7 +181,8 @@ def nncf_openvino(part: Part, *, transformer: bool) -> Method:
     ov_model = ov.Core().read_model(str(part.fp32_onnx))
     feeds = [{n: t.numpy() for n, t in zip(part.names, b)} for b in part.calib]
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
-    with warnings.catch_warnings():
+    # NNCF draws its progress bar on stdout, which must hold JSON lines only.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         quantized = nncf.quantize(ov_model, nncf.Dataset(feeds), subset_size=len(feeds), **kwargs)
     xml = part.scratch / "nncf.xml"
