@@ -58,7 +58,10 @@ from pared.train import FinetuneConfig  # noqa: E402
 
 THREADS = 2
 BASELINE = "torch-fp32-eager"
-FFN = (r"re:bert\.encoder\.layer\.\d+\.intermediate\.dense", r"re:bert\.encoder\.layer\.\d+\.output\.dense")
+FFN = (
+    r"re:bert\.encoder\.layer\.\d+\.intermediate\.dense",
+    r"re:bert\.encoder\.layer\.\d+\.output\.dense",
+)
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
@@ -70,23 +73,47 @@ def emit(obj: dict[str, Any]) -> None:
     print(json.dumps({"bench": "lowrank_exit", **obj}), flush=True)
 
 
-def latency_ratios(part: str, models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], *, batch: int,
-                   rounds: int, per_call: int = 1, threads: int = THREADS) -> dict[str, dict[str, float]]:
+def latency_ratios(
+    part: str,
+    models: dict[str, nn.Module],
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    batch: int,
+    rounds: int,
+    per_call: int = 1,
+    threads: int = THREADS,
+) -> dict[str, dict[str, float]]:
     """Interleaved eager latency of ``models``; p50 per call (divided by ``per_call``) and the
     ratio to the baseline."""
-    methods = [Method(n, make_runner("torch", model=m, threads=threads), runtime="torch", size_bytes=0, size_what="")
-               for n, m in models.items()]
+    methods = [
+        Method(
+            n,
+            make_runner("torch", model=m, threads=threads),
+            runtime="torch",
+            size_bytes=0,
+            size_what="",
+        )
+        for n, m in models.items()
+    ]
     samples, stats = timed_rounds(methods, inputs, rounds=rounds, settle=True, seed=batch)
-    lat = {n: latency_from_samples(samples[n], runtime="torch", batch=batch, threads=threads, warmup=3) for n in models}
+    lat = {
+        n: latency_from_samples(samples[n], runtime="torch", batch=batch, threads=threads, warmup=3)
+        for n in models
+    }
     base = lat[BASELINE].p50_ms
     emit({"part": part, "batch": batch, "threads": threads, "timing": True, **stats})
-    return {n: {"p50_ms": round(v.p50_ms / per_call, 4), "ratio_vs_fp32": round(v.p50_ms / base, 4)} for n, v in lat.items()}
+    return {
+        n: {"p50_ms": round(v.p50_ms / per_call, 4), "ratio_vs_fp32": round(v.p50_ms / base, 4)}
+        for n, v in lat.items()
+    }
 
 
 # ----------------------------------------------------------------------------------- MiniLM
 
 
-def run_minilm(rounds: int, scratch: Path, *, steps: int, swap_steps: int, lr: float, n_eval: int) -> None:
+def run_minilm(
+    rounds: int, scratch: Path, *, steps: int, swap_steps: int, lr: float, n_eval: int
+) -> None:
     from pared.tasks.minilm import MiniLMTask
 
     part = "minilm"
@@ -103,12 +130,18 @@ def run_minilm(rounds: int, scratch: Path, *, steps: int, swap_steps: int, lr: f
 
     t0 = time.perf_counter()
     ctx = Context(calib=calib, task=task)
-    svd = pared.compress_(copy.deepcopy(fp32), LowRankConfig(ratio=0.5, include=FFN, calibration_batches=16), context=ctx)
+    svd = pared.compress_(
+        copy.deepcopy(fp32),
+        LowRankConfig(ratio=0.5, include=FFN, calibration_batches=16),
+        context=ctx,
+    )
     info["svd_s"] = round(time.perf_counter() - t0, 1)
     info["ffn_weights_kept_fraction"] = ctx.summary[-1]["selected_weights_kept_fraction"]
     info["ranks"] = sorted({d["rank"] for d in ctx.summary[-1]["layers"].values()})
     metrics["pared-svd-ffn50-oneshot"] = task.evaluate(svd)
-    log(f"svd one-shot {metrics['pared-svd-ffn50-oneshot']} in {info['svd_s']}s; recovering {steps} steps")
+    log(
+        f"svd one-shot {metrics['pared-svd-ffn50-oneshot']} in {info['svd_s']}s; recovering {steps} steps"
+    )
     t0 = time.perf_counter()
     with recovery_setting(svd):
         pared.compress_(svd, recover, context=ctx)
@@ -118,22 +151,37 @@ def run_minilm(rounds: int, scratch: Path, *, steps: int, swap_steps: int, lr: f
     log(f"svd recovered {metrics['pared-svd-ffn50-recovered']} in {info['recover_s']}s")
 
     for act in ("gelu_tanh", "quick_gelu", "relu"):
-        swapped = pared.compress_(copy.deepcopy(fp32), ActivationSwapConfig(mapping={"type:GELUActivation": act}))
+        swapped = pared.compress_(
+            copy.deepcopy(fp32), ActivationSwapConfig(mapping={"type:GELUActivation": act})
+        )
         metrics[f"pared-swap-{act}-oneshot"] = task.evaluate(swapped)
         models[f"pared-swap-{act}"] = swapped
         log(f"swap {act}: {metrics[f'pared-swap-{act}-oneshot']}")
     if swap_steps:
         t0 = time.perf_counter()
         with recovery_setting(models["pared-swap-relu"]):
-            pared.compress_(models["pared-swap-relu"], dataclasses.replace(recover, steps=swap_steps), context=Context(task=task))
+            pared.compress_(
+                models["pared-swap-relu"],
+                dataclasses.replace(recover, steps=swap_steps),
+                context=Context(task=task),
+            )
         info["swap_relu_recover_s"] = round(time.perf_counter() - t0, 1)
         metrics["pared-swap-relu-recovered"] = task.evaluate(models["pared-swap-relu"])
         log(f"swap relu recovered: {metrics['pared-swap-relu-recovered']}")
 
     x8 = task.example_inputs(8)
-    emit({"part": part, "metrics": rounded(metrics), "recover_steps": steps, "swap_recover_steps": swap_steps,
-          "recover": pared.config_to_dict(recover), "eval_sentences": task.n_eval, **info,
-          "facts": {n: facts(m, x8, scratch, n) for n, m in models.items()}})
+    emit(
+        {
+            "part": part,
+            "metrics": rounded(metrics),
+            "recover_steps": steps,
+            "swap_recover_steps": swap_steps,
+            "recover": pared.config_to_dict(recover),
+            "eval_sentences": task.n_eval,
+            **info,
+            "facts": {n: facts(m, x8, scratch, n) for n, m in models.items()},
+        }
+    )
     lat = latency_ratios(part, models, x8, batch=8, rounds=rounds)
     for name, v in lat.items():
         emit({"part": part, "method": name, "batch": 8, **v})
@@ -141,16 +189,21 @@ def run_minilm(rounds: int, scratch: Path, *, steps: int, swap_steps: int, lr: f
 
 @contextlib.contextmanager
 def recovery_setting(model: nn.Module) -> Iterator[None]:
-    """Recovery trains the encoder layers only, on one thread.
+    """Recovery trains the encoder layers only, without dropout, on one thread.
 
     The 11.7M embedding parameters are frozen: the compression did not touch them, and Adam on
-    them dominated each step. One thread: on this shared 2-core machine a second OpenMP thread
-    spent the steps waiting at barriers (28 s per step measured with two threads under load).
+    them dominated each step. Dropout is off because recovery should reproduce the eval-mode
+    teacher (bench_prune measured dropout costing 0.005-0.007 mean cosine). One thread: on this
+    shared 2-core machine a second OpenMP thread spent the steps waiting at barriers (28 s per
+    step measured with two threads under load, 1.7 s with one).
     """
     embeddings = list(model.bert.embeddings.parameters())
+    dropouts = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)}
     threads = torch.get_num_threads()
     for p in embeddings:
         p.requires_grad_(False)
+    for m in dropouts:
+        m.p = 0.0
     torch.set_num_threads(1)
     try:
         yield
@@ -158,6 +211,8 @@ def recovery_setting(model: nn.Module) -> Iterator[None]:
         torch.set_num_threads(threads)
         for p in embeddings:
             p.requires_grad_(True)
+        for m, p in dropouts.items():
+            m.p = p
 
 
 # ----------------------------------------------------------------------------------- digits
@@ -176,17 +231,31 @@ def run_digits_svd(rounds: int, scratch: Path) -> None:
     for conv in ("channel", "spatial"):
         name = f"pared-svd50-{conv}"
         ctx = Context(calib=task.calibration(), task=task)
-        cfg = LowRankConfig(ratio=0.5, conv=conv, include=("features.3", "features.7", "classifier.1"))
+        cfg = LowRankConfig(
+            ratio=0.5, conv=conv, include=("features.3", "features.7", "classifier.1")
+        )
         model = pared.compress_(copy.deepcopy(fp32), cfg, context=ctx)
         oneshot = task.evaluate(model)["accuracy"]
         t0 = time.perf_counter()
-        pared.compress_(model, FinetuneConfig(epochs=4, lr=1e-3, batch_size=64, distill=0.5), context=ctx)
+        pared.compress_(
+            model, FinetuneConfig(epochs=4, lr=1e-3, batch_size=64, distill=0.5), context=ctx
+        )
         after = task.evaluate(model)["accuracy"]
         models[name] = model
-        emit({"part": part, "method": name, "accuracy_fp32": round(base, 3), "accuracy_oneshot": round(oneshot, 3),
-              "accuracy_recovered": round(after, 3), "accuracy_drop": round(base - after, 3),
-              "finetune_s": round(time.perf_counter() - t0, 1), "ranks": {k: v["rank"] for k, v in ctx.summary[0]["layers"].items()},
-              "facts": facts(model, x, scratch, name), "facts_fp32": facts(fp32, x, scratch, "fp32")})
+        emit(
+            {
+                "part": part,
+                "method": name,
+                "accuracy_fp32": round(base, 3),
+                "accuracy_oneshot": round(oneshot, 3),
+                "accuracy_recovered": round(after, 3),
+                "accuracy_drop": round(base - after, 3),
+                "finetune_s": round(time.perf_counter() - t0, 1),
+                "ranks": {k: v["rank"] for k, v in ctx.summary[0]["layers"].items()},
+                "facts": facts(model, x, scratch, name),
+                "facts_fp32": facts(fp32, x, scratch, "fp32"),
+            }
+        )
     for name, v in latency_ratios(part, models, x, batch=64, rounds=rounds, threads=1).items():
         emit({"part": part, "method": name, "batch": 64, **v})
 
@@ -203,7 +272,9 @@ def run_digits_exit(rounds: int, out: Path) -> None:
     n = len(x_test)
     base_acc = task.evaluate(fp32)["accuracy"]
     base_macs = count_macs(fp32, (x_test,)) / n
-    cfg = EarlyExitConfig(after=("features.2", "features.6"), head_pool=4, steps=1000, lr=1e-2, temperature=1.0)
+    cfg = EarlyExitConfig(
+        after=("features.2", "features.6"), head_pool=4, steps=1000, lr=1e-2, temperature=1.0
+    )
     ctx = Context(calib=task.calibration(), task=task)
     t0 = time.perf_counter()
     model = pared.compress_(copy.deepcopy(fp32), cfg, context=ctx)
@@ -215,17 +286,31 @@ def run_digits_exit(rounds: int, out: Path) -> None:
         acc = task.evaluate(model)["accuracy"]
         macs = count_macs(model, (x_test,)) / n  # the whole test set in one batch: real exits
         counts = model.last_exit_counts
-        curve.append({"threshold": t, "accuracy": round(acc, 3), "accuracy_drop": round(base_acc - acc, 3),
-                      "macs_per_sample": round(macs), "macs_saved": round(1 - macs / base_macs, 4),
-                      "exit_fractions": [round(c / n, 4) for c in counts]})
+        curve.append(
+            {
+                "threshold": t,
+                "accuracy": round(acc, 3),
+                "accuracy_drop": round(base_acc - acc, 3),
+                "macs_per_sample": round(macs),
+                "macs_saved": round(1 - macs / base_macs, 4),
+                "exit_fractions": [round(c / n, 4) for c in counts],
+            }
+        )
     # latency per sample over the whole test set, at batch 1 (every sample its own exit) and 64
     for batch in (1, 64):
         chunks = list(x_test.split(batch))
         runners: dict[str, nn.Module] = {BASELINE: fp32}
         for t in (0.8, 0.9, 0.99):
             runners[f"exit@{t}"] = _AtThreshold(model, t)
-        lat = latency_ratios(part, {k: _OverChunks(m, chunks) for k, m in runners.items()}, (), batch=batch,
-                             rounds=max(3, rounds // 4), per_call=n, threads=1)
+        lat = latency_ratios(
+            part,
+            {k: _OverChunks(m, chunks) for k, m in runners.items()},
+            (),
+            batch=batch,
+            rounds=max(3, rounds // 4),
+            per_call=n,
+            threads=1,
+        )
         for row in curve:
             key = f"exit@{row['threshold']}"
             if key in lat:
@@ -235,9 +320,14 @@ def run_digits_exit(rounds: int, out: Path) -> None:
         emit({"part": part, "method": BASELINE, "batch": batch, "ms_per_sample": base_ms})
     for row in curve:
         emit({"part": part, "method": "pared-early-exit", **row})
-    meta = {"accuracy_fp32": round(base_acc, 3), "macs_per_sample_fp32": round(base_macs), "train_s": train_s,
-            "config": pared.config_to_dict(cfg), "head_params": ctx.summary[-1]["head_params"],
-            "backbone_params": sum(p.numel() for p in fp32.parameters())}
+    meta = {
+        "accuracy_fp32": round(base_acc, 3),
+        "macs_per_sample_fp32": round(base_macs),
+        "train_s": train_s,
+        "config": pared.config_to_dict(cfg),
+        "head_params": ctx.summary[-1]["head_params"],
+        "backbone_params": sum(p.numel() for p in fp32.parameters()),
+    }
     emit({"part": part, **meta})
     write_curve(out, meta, curve)
 
@@ -289,14 +379,26 @@ def write_curve(out: Path, meta: dict[str, Any], curve: list[dict[str, Any]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("minilm", "digits-svd", "digits-exit", "all"), default="all")
+    parser.add_argument(
+        "--part", choices=("minilm", "digits-svd", "digits-exit", "all"), default="all"
+    )
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds")
-    parser.add_argument("--steps", type=int, default=300, help="MiniLM SVD recovery steps (batch 16)")
-    parser.add_argument("--swap-steps", type=int, default=100, help="MiniLM ReLU-swap recovery steps (0: none)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="MiniLM SVD recovery steps (batch 16)"
+    )
+    parser.add_argument(
+        "--swap-steps", type=int, default=100, help="MiniLM ReLU-swap recovery steps (0: none)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4, help="MiniLM recovery learning rate")
-    parser.add_argument("--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_lowrank_exit",
-                        help="folder for the early-exit curve (JSON, PNG)")
+    parser.add_argument(
+        "--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench_lowrank_exit",
+        help="folder for the early-exit curve (JSON, PNG)",
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     parts = ("digits-exit", "digits-svd", "minilm") if args.part == "all" else (args.part,)
@@ -304,15 +406,29 @@ def main(argv: list[str] | None = None) -> int:
         for part in parts:
             log(f"part {part}")
             if part == "minilm":
-                run_minilm(args.rounds, Path(tmp), steps=args.steps, swap_steps=args.swap_steps, lr=args.lr,
-                           n_eval=args.n_eval)
+                run_minilm(
+                    args.rounds,
+                    Path(tmp),
+                    steps=args.steps,
+                    swap_steps=args.swap_steps,
+                    lr=args.lr,
+                    n_eval=args.n_eval,
+                )
             elif part == "digits-svd":
                 run_digits_svd(args.rounds, Path(tmp))
             else:
                 run_digits_exit(args.rounds, args.out)
-    emit({"summary": True, "machine": machine(), "threads": THREADS, "rounds": args.rounds, "parts": list(parts),
-          "curve": str(args.out / "early_exit_curve.json") if "digits-exit" in parts else None,
-          "elapsed_s": round(time.perf_counter() - t0, 1)})
+    emit(
+        {
+            "summary": True,
+            "machine": machine(),
+            "threads": THREADS,
+            "rounds": args.rounds,
+            "parts": list(parts),
+            "curve": str(args.out / "early_exit_curve.json") if "digits-exit" in parts else None,
+            "elapsed_s": round(time.perf_counter() - t0, 1),
+        }
+    )
     return 0
 
 

@@ -27,9 +27,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _cnn(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 5),
     ).eval()
 
 
@@ -61,7 +68,11 @@ class _Task:
 def _wrapped(threshold: float = 0.9, steps: int = 0) -> tuple[nn.Module, nn.Module, Context]:
     fp32 = _cnn()
     ctx = Context(calib=random_batches((4, 3, 6, 6)), task=_Task())
-    model = pared.compress_(copy.deepcopy(fp32), EarlyExitConfig(after=AFTER, threshold=threshold, steps=steps), context=ctx)
+    model = pared.compress_(
+        copy.deepcopy(fp32),
+        EarlyExitConfig(after=AFTER, threshold=threshold, steps=steps),
+        context=ctx,
+    )
     return fp32, model, ctx
 
 
@@ -117,12 +128,14 @@ def test_heads_learn_the_final_output_by_distillation() -> None:
     _, trained, ctx = _wrapped(steps=40)
     x = torch.randn(128, 3, 6, 6, generator=torch.Generator().manual_seed(9))
 
-    def distance(model: EarlyExitModel) -> list[float]:  # held-out KL of each head to the final output
+    def distance(
+        model: EarlyExitModel,
+    ) -> list[float]:  # held-out KL of each head to the final output
         with torch.no_grad():
             outs = model.all_exits(x)
         return [float(kd_loss(o, outs[-1], 1.0)) for o in outs[:-1]]
 
-    assert all(t < 0.5 * u for t, u in zip(distance(trained), distance(untrained)))
+    assert all(t < 0.5 * u for t, u in zip(distance(trained), distance(untrained), strict=True))
     # the backbone is frozen and untouched, BatchNorm statistics included
     for key, value in fp32.state_dict().items():
         assert torch.equal(trained.backbone.state_dict()[key], value), key
@@ -142,10 +155,18 @@ def test_artefact_reload_and_config_round_trip(tmp_path) -> None:
     assert back.last_exit_counts == model.last_exit_counts
 
 
-@pytest.mark.parametrize("fields", [
-    {}, {"after": ["2", "2"]}, {"after": ["2"], "threshold": 0.0}, {"after": ["2"], "threshold": 1.5},
-    {"after": ["2"], "steps": -1}, {"after": ["2"], "head_pool": 0}, {"after": ["2"], "lr": 0.0},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"after": ["2", "2"]},
+        {"after": ["2"], "threshold": 0.0},
+        {"after": ["2"], "threshold": 1.5},
+        {"after": ["2"], "steps": -1},
+        {"after": ["2"], "head_pool": 0},
+        {"after": ["2"], "lr": 0.0},
+    ],
+)
 def test_bad_fields_are_refused(fields: dict) -> None:
     with pytest.raises(UsageError):
         config_from_dict({"technique": "early_exit", **fields})
@@ -156,9 +177,13 @@ def test_bad_blocks_are_refused() -> None:
     with pytest.raises(UsageError, match="no module of the model: \\['features.9'\\]"):
         pared.compress_(_cnn(), EarlyExitConfig(after=("2", "features.9"), steps=0), context=ctx)
     with pytest.raises(UsageError, match="used again after block 'block'"):
-        pared.compress_(_Residual(), EarlyExitConfig(after=("block",), steps=0), calib=random_batches((2, 8)))
+        pared.compress_(
+            _Residual(), EarlyExitConfig(after=("block",), steps=0), calib=random_batches((2, 8))
+        )
     with pytest.raises(UsageError, match="training batches"):
-        pared.compress_(_cnn(), EarlyExitConfig(after=AFTER), context=ctx)  # steps > 0, no trainable task
+        pared.compress_(
+            _cnn(), EarlyExitConfig(after=AFTER), context=ctx
+        )  # steps > 0, no trainable task
 
 
 def test_a_block_called_twice_is_refused() -> None:
@@ -183,7 +208,6 @@ def test_export_is_refused(tmp_path) -> None:
         export_onnx(model, (torch.randn(2, 3, 6, 6),), tmp_path / "m.onnx", input_names=["x"])
 
 
-
 def test_compress_refuses_an_onnx_runtime_before_any_work(tmp_path) -> None:
     from pared.pipeline import compress_task
 
@@ -194,4 +218,6 @@ def test_compress_refuses_an_onnx_runtime_before_any_work(tmp_path) -> None:
             raise AssertionError("the model must not be loaded for a refused runtime")
 
     with pytest.raises(UsageError, match="PyTorch only"):
-        compress_task(_NeverLoaded(), [EarlyExitConfig(after=AFTER)], tmp_path / "out", runtime="openvino")
+        compress_task(
+            _NeverLoaded(), [EarlyExitConfig(after=AFTER)], tmp_path / "out", runtime="openvino"
+        )

@@ -70,10 +70,14 @@ class ActivationSwapConfig(BaseConfig):
 
     def validate(self) -> None:
         if not self.mapping:
-            raise UsageError("activation_swap.mapping must map at least one layer rule to a replacement")
+            raise UsageError(
+                "activation_swap.mapping must map at least one layer rule to a replacement"
+            )
         unknown = sorted({r for r in self.mapping.values() if r not in REPLACEMENTS})
         if unknown:
-            raise UsageError(f"activation_swap: unknown replacement(s) {unknown}; known: {sorted(REPLACEMENTS)}")
+            raise UsageError(
+                f"activation_swap: unknown replacement(s) {unknown}; known: {sorted(REPLACEMENTS)}"
+            )
 
 
 def is_activation(name: str, module: nn.Module) -> bool:
@@ -82,7 +86,8 @@ def is_activation(name: str, module: nn.Module) -> bool:
     if next(module.children(), None) is not None or next(module.parameters(), None) is not None:
         return False
     return type(module).__module__ in _ACTIVATION_MODULES or type(module).__name__.lower().endswith(
-        ("activation", "gelu", "silu", "swish", "mish", "tanh", "sigmoid", "relu"))
+        ("activation", "gelu", "silu", "swish", "mish", "tanh", "sigmoid", "relu")
+    )
 
 
 def swap_plan(model: nn.Module, cfg: ActivationSwapConfig) -> dict[str, str]:
@@ -93,7 +98,9 @@ def swap_plan(model: nn.Module, cfg: ActivationSwapConfig) -> dict[str, str]:
     """
     plan: dict[str, str] = {}
     for rule, replacement in cfg.mapping.items():
-        for name, _ in select_modules(model, candidate=is_activation, include=(rule,), exclude=cfg.exclude):
+        for name, _ in select_modules(
+            model, candidate=is_activation, include=(rule,), exclude=cfg.exclude
+        ):
             plan.setdefault(name, replacement)
     return plan
 

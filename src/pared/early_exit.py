@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from pared.apply import Context, register
@@ -74,7 +73,9 @@ class EarlyExitConfig(BaseConfig):
         if self.steps < 0:
             raise UsageError(f"early_exit.steps must be >= 0, got {self.steps}")
         if not self.lr > 0 or not self.temperature > 0:
-            raise UsageError(f"early_exit.lr and temperature must be > 0, got {self.lr}, {self.temperature}")
+            raise UsageError(
+                f"early_exit.lr and temperature must be > 0, got {self.lr}, {self.temperature}"
+            )
 
 
 # ------------------------------------------------------------------------------ splitting
@@ -88,7 +89,9 @@ class _LeafTracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        return module_qualified_name in self.leaves or super().is_leaf_module(
+            m, module_qualified_name
+        )
 
 
 def split_at(model: nn.Module, after: Sequence[str]) -> tuple[list[fx.GraphModule], list[str]]:
@@ -110,12 +113,19 @@ def split_at(model: nn.Module, after: Sequence[str]) -> tuple[list[fx.GraphModul
     try:
         graph = _LeafTracer(set(after)).trace(model)
     except Exception as exc:  # noqa: BLE001 - fx raises many types; the user needs the reason
-        raise UsageError(f"early_exit: the model cannot be traced with torch.fx ({type(exc).__name__}: {exc})") from None
+        raise UsageError(
+            f"early_exit: the model cannot be traced with torch.fx ({type(exc).__name__}: {exc})"
+        ) from None
     nodes = list(graph.nodes)
-    calls = {n: [i for i, node in enumerate(nodes) if node.op == "call_module" and node.target == n] for n in after}
+    calls = {
+        n: [i for i, node in enumerate(nodes) if node.op == "call_module" and node.target == n]
+        for n in after
+    }
     for name, where in calls.items():
         if len(where) != 1:
-            raise UsageError(f"early_exit: block '{name}' is called {len(where)} times in the forward pass; need exactly once")
+            raise UsageError(
+                f"early_exit: block '{name}' is called {len(where)} times in the forward pass; need exactly once"
+            )
     cuts = sorted(calls[n][0] for n in after)
     order = [nodes[i].target for i in cuts]
     bounds = [0] + [c + 1 for c in cuts] + [len(nodes)]
@@ -123,15 +133,18 @@ def split_at(model: nn.Module, after: Sequence[str]) -> tuple[list[fx.GraphModul
     for k in range(len(cuts) + 1):
         entry = nodes[cuts[k - 1]] if k else None
         exit_node = nodes[cuts[k]] if k < len(cuts) else None
-        segments.append(_segment(model, nodes[bounds[k]:bounds[k + 1]], entry, exit_node))
+        segments.append(_segment(model, nodes[bounds[k] : bounds[k + 1]], entry, exit_node))
     return segments, [str(t) for t in order]
 
 
-def _segment(root: nn.Module, nodes: list[fx.Node], entry: fx.Node | None, exit_node: fx.Node | None) -> fx.GraphModule:
+def _segment(
+    root: nn.Module, nodes: list[fx.Node], entry: fx.Node | None, exit_node: fx.Node | None
+) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     if entry is not None:
         env[entry] = graph.placeholder("features")
+
     def lookup(arg: fx.Node) -> fx.Node:
         if arg in env:
             return env[arg]
@@ -140,8 +153,10 @@ def _segment(root: nn.Module, nodes: list[fx.Node], entry: fx.Node | None, exit_
             return env[arg]
         where = "the model input" if arg.op == "placeholder" else f"'{arg.name}'"
         cut = entry.target if entry is not None else "?"
-        raise UsageError(f"early_exit: {where} is used again after block '{cut}' (a skip connection around it?); "
-                         "choose a block whose output is the only value passed on")
+        raise UsageError(
+            f"early_exit: {where} is used again after block '{cut}' (a skip connection around it?); "
+            "choose a block whose output is the only value passed on"
+        )
 
     for node in nodes:
         if node.op == "output":
@@ -162,10 +177,14 @@ def exit_head(feature_shape: Sequence[int], classes: int, pool: int) -> nn.Modul
     """Pool (for (C, H, W) features) and one Linear to ``classes`` logits."""
     if len(feature_shape) == 3:
         c = feature_shape[0]
-        return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(c * pool * pool, classes))
+        return nn.Sequential(
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(c * pool * pool, classes)
+        )
     if len(feature_shape) == 1:
         return nn.Linear(feature_shape[0], classes)
-    raise UsageError(f"early_exit: an exit needs (B, C) or (B, C, H, W) features, got (B, {', '.join(map(str, feature_shape))})")
+    raise UsageError(
+        f"early_exit: an exit needs (B, C) or (B, C, H, W) features, got (B, {', '.join(map(str, feature_shape))})"
+    )
 
 
 class EarlyExitModel(nn.Module):
@@ -194,7 +213,9 @@ class EarlyExitModel(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Run until every sample has exited; per-sample exits within a batch."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            raise UsageError("early exit is data-dependent control flow and cannot be exported; run it with --runtime torch")
+            raise UsageError(
+                "early exit is data-dependent control flow and cannot be exported; run it with --runtime torch"
+            )
         features = self._segments[0](*inputs)
         batch = features.shape[0]
         alive = torch.arange(batch, device=features.device)  # rows of the batch still running
@@ -257,8 +278,13 @@ def train_heads(model: EarlyExitModel, task: TrainableTask, cfg: EarlyExitConfig
         return sum(kd_loss(h, teacher, cfg.temperature) for h in outputs[:-1]) / (len(outputs) - 1)
 
     try:
-        result = train(_HeadsTrainingView(model), task, FinetuneConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size),
-                       loss_fn=loss, progress=False)
+        result = train(
+            _HeadsTrainingView(model),
+            task,
+            FinetuneConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size),
+            loss_fn=loss,
+            progress=False,
+        )
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -276,22 +302,36 @@ def _apply_early_exit(model: nn.Module, cfg: EarlyExitConfig, ctx: Context) -> n
         shapes, classes = _recorded(ctx.structure.get(key), key, cfg)
     else:
         shapes, classes = _feature_shapes(model, cfg, _example(ctx))
-    wrapped = EarlyExitModel(model, {n: exit_head(shapes[n], classes, cfg.head_pool) for n in cfg.after}, cfg.threshold)
+    wrapped = EarlyExitModel(
+        model, {n: exit_head(shapes[n], classes, cfg.head_pool) for n in cfg.after}, cfg.threshold
+    )
     param = next(model.parameters(), None)
     if param is not None:
         wrapped.heads.to(device=param.device, dtype=param.dtype)
-    ctx.structure[key] = {"classes": classes, "features": {n: list(shapes[n]) for n in wrapped.after}}
+    ctx.structure[key] = {
+        "classes": classes,
+        "features": {n: list(shapes[n]) for n in wrapped.after},
+    }
     if ctx.skeleton:
         return wrapped.eval()
     loss = None
     if cfg.steps:
         if not isinstance(ctx.task, TrainableTask):
-            raise UsageError("early_exit trains its heads on the task's data: the task must provide training batches "
-                             "(or set steps: 0)")
+            raise UsageError(
+                "early_exit trains its heads on the task's data: the task must provide training batches "
+                "(or set steps: 0)"
+            )
         loss = train_heads(wrapped, ctx.task, cfg)
-    ctx.summary.append({"technique": TECHNIQUE, "exits": wrapped.after, "threshold": cfg.threshold,
-                        "head_params": sum(p.numel() for p in wrapped.heads.parameters()),
-                        "train_steps": cfg.steps, "final_loss": loss})
+    ctx.summary.append(
+        {
+            "technique": TECHNIQUE,
+            "exits": wrapped.after,
+            "threshold": cfg.threshold,
+            "head_params": sum(p.numel() for p in wrapped.heads.parameters()),
+            "train_steps": cfg.steps,
+            "final_loss": loss,
+        }
+    )
     return wrapped.eval()
 
 
@@ -300,21 +340,30 @@ def _example(ctx: Context) -> tuple[torch.Tensor, ...]:
         return checked_batches(ctx.calib, limit=1)[0]
     if ctx.task is not None and hasattr(ctx.task, "example_inputs"):
         return tuple(ctx.task.example_inputs(2))
-    raise UsageError("early_exit needs one batch of example inputs to size its heads: pass calib=[inputs] or a task")
+    raise UsageError(
+        "early_exit needs one batch of example inputs to size its heads: pass calib=[inputs] or a task"
+    )
 
 
-def _feature_shapes(model: nn.Module, cfg: EarlyExitConfig, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[str, list[int]], int]:
+def _feature_shapes(
+    model: nn.Module, cfg: EarlyExitConfig, inputs: tuple[torch.Tensor, ...]
+) -> tuple[dict[str, list[int]], int]:
     seen: dict[str, list[int]] = {}
     modules = dict(model.named_modules())
     missing = [n for n in cfg.after if n not in modules]
     if missing:
         raise UsageError(f"early_exit.after names no module of the model: {missing}")
+
     def record(name: str, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
-            raise UsageError(f"early_exit: block '{name}' returns {type(out).__name__}, not one tensor")
+            raise UsageError(
+                f"early_exit: block '{name}' returns {type(out).__name__}, not one tensor"
+            )
         seen.setdefault(name, list(out.shape[1:]))
 
-    hooks = [modules[n].register_forward_hook(lambda _m, _a, out, n=n: record(n, out)) for n in cfg.after]
+    hooks = [
+        modules[n].register_forward_hook(lambda _m, _a, out, n=n: record(n, out)) for n in cfg.after
+    ]
     try:
         with torch.inference_mode():
             logits = model.eval()(*inputs)
@@ -322,16 +371,25 @@ def _feature_shapes(model: nn.Module, cfg: EarlyExitConfig, inputs: tuple[torch.
         for h in hooks:
             h.remove()
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise UsageError("early_exit needs a classifier: the model must return (batch, classes) logits")
+        raise UsageError(
+            "early_exit needs a classifier: the model must return (batch, classes) logits"
+        )
     return seen, int(logits.shape[1])
 
 
 def _recorded(entry: Any, key: str, cfg: EarlyExitConfig) -> tuple[dict[str, list[int]], int]:
     if not isinstance(entry, dict) or not isinstance(entry.get("features"), dict):
-        raise InputRefused(f"artefact structure has no valid '{key}' entry: cannot rebuild the exit heads")
+        raise InputRefused(
+            f"artefact structure has no valid '{key}' entry: cannot rebuild the exit heads"
+        )
     classes, feats = entry.get("classes"), entry["features"]
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-    if not ok(classes) or set(feats) != set(cfg.after) or not all(
-            isinstance(s, list) and s and all(ok(v) for v in s) for s in feats.values()):
-        raise InputRefused(f"artefact structure '{key}' does not describe the exits {list(cfg.after)}")
+    if (
+        not ok(classes)
+        or set(feats) != set(cfg.after)
+        or not all(isinstance(s, list) and s and all(ok(v) for v in s) for s in feats.values())
+    ):
+        raise InputRefused(
+            f"artefact structure '{key}' does not describe the exits {list(cfg.after)}"
+        )
     return feats, classes

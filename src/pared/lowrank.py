@@ -23,7 +23,6 @@ separate ``finetune`` step. The chosen ranks are recorded in ``ctx.structure`` s
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import torch
@@ -34,6 +33,14 @@ from pared.apply import Context, register
 from pared.calib import checked_batches, observe_layer_inputs
 from pared.config import BaseConfig, register_config
 from pared.errors import InputRefused, UsageError
+from pared.lowrank_svd import (
+    allocate_ranks,
+    factor_matrix,
+    rank_for_energy,
+    rank_for_ratio,
+    singular_values,
+    whitening_from_gram,
+)
 from pared.select import rule_matches, select_modules
 
 TECHNIQUE = "lowrank"
@@ -79,7 +86,9 @@ class LowRankConfig(BaseConfig):
     def validate(self) -> None:
         given = [n for n in ("rank", "ratio", "energy") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise UsageError(f"lowrank: set only one of rank, ratio, energy (got {', '.join(given)})")
+            raise UsageError(
+                f"lowrank: set only one of rank, ratio, energy (got {', '.join(given)})"
+            )
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"lowrank.rank must be >= 1, got {self.rank}")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
@@ -87,12 +96,16 @@ class LowRankConfig(BaseConfig):
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise UsageError(f"lowrank.energy must be in (0, 1], got {self.energy}")
         if self.allocation == "sensitivity" and (self.rank is not None or self.energy is not None):
-            raise UsageError("lowrank.allocation='sensitivity' spreads a ratio budget; it cannot be used with rank or energy")
+            raise UsageError(
+                "lowrank.allocation='sensitivity' spreads a ratio budget; it cannot be used with rank or energy"
+            )
         for rule, r in self.per_layer.items():
             if r < 1:
                 raise UsageError(f"lowrank.per_layer[{rule!r}] must be >= 1, got {r}")
         if self.calibration_batches < 1:
-            raise UsageError(f"lowrank.calibration_batches must be >= 1, got {self.calibration_batches}")
+            raise UsageError(
+                f"lowrank.calibration_batches must be >= 1, got {self.calibration_batches}"
+            )
         if not 0.0 <= self.min_mac_saving < 1.0:
             raise UsageError(f"lowrank.min_mac_saving must be in [0, 1), got {self.min_mac_saving}")
 
@@ -105,7 +118,9 @@ class LowRankLinear(nn.Sequential):
     ``nn.Linear`` it replaces, ``rank * (in + out)`` weights instead of ``in * out``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool) -> None:
-        super().__init__(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
+        super().__init__(
+            nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias)
+        )
         self.rank = rank
 
 
@@ -122,95 +137,41 @@ class LowRankConv2d(nn.Sequential):
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
         bias = conv.bias is not None
         if kind == "channel":
-            first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                              dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
+            first = nn.Conv2d(
+                conv.in_channels,
+                rank,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                bias=False,
+                padding_mode=conv.padding_mode,
+            )
             second = nn.Conv2d(rank, conv.out_channels, 1, bias=bias)
         else:
             ph, pw = conv.padding  # type: ignore[misc] - string padding is refused before this
-            first = nn.Conv2d(conv.in_channels, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
-                              bias=False, padding_mode=conv.padding_mode)
-            second = nn.Conv2d(rank, conv.out_channels, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
-                               bias=bias, padding_mode=conv.padding_mode)
+            first = nn.Conv2d(
+                conv.in_channels,
+                rank,
+                (kh, 1),
+                stride=(sh, 1),
+                padding=(ph, 0),
+                dilation=(dh, 1),
+                bias=False,
+                padding_mode=conv.padding_mode,
+            )
+            second = nn.Conv2d(
+                rank,
+                conv.out_channels,
+                (1, kw),
+                stride=(1, sw),
+                padding=(0, pw),
+                dilation=(1, dw),
+                bias=bias,
+                padding_mode=conv.padding_mode,
+            )
         super().__init__(first, second)
         self.rank, self.kind = rank, kind
-
-
-# ------------------------------------------------------------------------- pure math
-
-
-def factor_matrix(weight: torch.Tensor, rank: int, whitening: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with ``A @ B`` the best rank-``rank`` approximation of ``weight`` (out, n).
-
-    Without ``whitening`` it is the truncated SVD (best in the Frobenius norm of the weights).
-    With a lower-triangular ``whitening`` S (S S^T = X^T X of the layer inputs X) it minimises
-    ``||X W^T - X (A B)^T||``, the error of the outputs on those inputs. The singular values are
-    split evenly, ``A = U sqrt(s)`` and ``B = sqrt(s) V^T``, so both factors train alike.
-    """
-    w = weight.detach().double()
-    target = w @ whitening if whitening is not None else w
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    root = s[:rank].sqrt()
-    a = u[:, :rank] * root
-    b = root[:, None] * vh[:rank]
-    if whitening is not None:
-        b = torch.linalg.solve_triangular(whitening, b, upper=False, left=False)  # B S = sqrt(s) V^T
-    return a.to(weight.dtype), b.to(weight.dtype)
-
-
-def singular_values(weight: torch.Tensor, whitening: torch.Tensor | None = None) -> torch.Tensor:
-    """Singular values (descending, float64) of ``weight`` (out, n), whitened if ``whitening``."""
-    w = weight.detach().double()
-    return torch.linalg.svdvals(w @ whitening if whitening is not None else w)
-
-
-def rank_for_energy(s: torch.Tensor, energy: float) -> int:
-    """The fewest leading singular values whose squares hold at least ``energy`` of the total."""
-    sq = s.double() ** 2
-    total = float(sq.sum())
-    if total == 0.0:
-        return 1
-    kept = torch.cumsum(sq, 0) / total
-    return min(int((kept < energy - 1e-12).sum()) + 1, len(s))
-
-
-def rank_for_ratio(params: int, cost_per_rank: int, ratio: float) -> int:
-    """The largest rank whose factors hold at most ``ratio`` of ``params`` (at least 1)."""
-    return max(1, math.floor(ratio * params / cost_per_rank))
-
-
-def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: float) -> dict[str, int]:
-    """Ranks that spend at most ``budget`` parameters where they remove most relative error.
-
-    Each layer's i-th singular value removes ``s_i^2 / sum(s^2)`` of that layer's (output)
-    error and costs ``costs[layer]`` parameters. Every layer gets rank 1; then the remaining
-    budget goes to the best error-per-parameter values across all layers, in that order
-    (within a layer they come in descending order, so each layer keeps a prefix).
-    """
-    ranks = {name: 1 for name in spectra}
-    spent = float(sum(costs.values()))
-    gains: list[tuple[float, str]] = []
-    for name, s in spectra.items():
-        sq = s.double() ** 2
-        total = float(sq.sum()) or 1.0
-        gains.extend((float(v) / total / costs[name], name) for v in sq[1:])
-    gains.sort(key=lambda g: -g[0])
-    for _, name in gains:
-        if spent + costs[name] > budget:
-            continue  # a cheaper layer's value may still fit
-        ranks[name] += 1
-        spent += costs[name]
-    return ranks
-
-
-def whitening_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular S with S S^T = gram (+ a small ridge, so rank-deficient inputs work)."""
-    g = gram.double()
-    scale = float(g.diagonal().mean()) or 1.0
-    for damp in (1e-6, 1e-4, 1e-2):
-        chol, info = torch.linalg.cholesky_ex(g + damp * scale * torch.eye(len(g), dtype=g.dtype))
-        if int(info) == 0:
-            return chol
-    raise InputRefused("lowrank: the calibration inputs' Gram matrix is not positive definite even with damping")
 
 
 # ------------------------------------------------------------------------- layer plumbing
@@ -253,8 +214,9 @@ def _mac_saving(module: nn.Module, kind: Kind, rank: int) -> float:
     return 1.0 - rank * (per_rank + extra) / params
 
 
-def factorize(module: nn.Module, rank: int, *, kind: Kind | None = None,
-              whitening: torch.Tensor | None = None) -> nn.Module:
+def factorize(
+    module: nn.Module, rank: int, *, kind: Kind | None = None, whitening: torch.Tensor | None = None
+) -> nn.Module:
     """The two-layer replacement of an ``nn.Linear`` or ``nn.Conv2d`` at ``rank``.
 
     Args:
@@ -275,7 +237,9 @@ def factorize(module: nn.Module, rank: int, *, kind: Kind | None = None,
         if kind == "spatial":
             out, cin, kh, kw = module.weight.shape
             first.weight.copy_(a.T.reshape(rank, cin, kh, 1))  # a: (cin*kh, r) vertical filters
-            second.weight.copy_(b.reshape(rank, out, kw).permute(1, 0, 2).unsqueeze(2))  # b: (r, out*kw)
+            second.weight.copy_(
+                b.reshape(rank, out, kw).permute(1, 0, 2).unsqueeze(2)
+            )  # b: (r, out*kw)
         else:
             first.weight.copy_(b.reshape(first.weight.shape))
             second.weight.copy_(a.reshape(second.weight.shape))
@@ -286,26 +250,38 @@ def factorize(module: nn.Module, rank: int, *, kind: Kind | None = None,
 
 def _empty_factored(module: nn.Module, kind: Kind, rank: int) -> nn.Module:
     if kind == "linear":
-        new: nn.Module = LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None)
+        new: nn.Module = LowRankLinear(
+            module.in_features, module.out_features, rank, bias=module.bias is not None
+        )
     else:
         new = LowRankConv2d(module, rank, kind)
     return new.to(device=module.weight.device, dtype=module.weight.dtype)
 
 
 def _candidates(model: nn.Module) -> set[str]:
-    inner = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv2d))
-             for c, _ in m.named_children()}
+    inner = {
+        f"{n}.{c}" if n else c
+        for n, m in model.named_modules()
+        if isinstance(m, (LowRankLinear, LowRankConv2d))
+        for c, _ in m.named_children()
+    }
     names = set()
     for name, m in model.named_modules():
         if name in inner:
             continue  # already a factor of an earlier lowrank step
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str)):
+        if isinstance(m, nn.Linear) or (
+            isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str)
+        ):
             names.add(name)
     return names
 
 
-def _grams(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[tuple[torch.Tensor, ...]],
-           kinds: dict[str, Kind]) -> dict[str, torch.Tensor]:
+def _grams(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    batches: list[tuple[torch.Tensor, ...]],
+    kinds: dict[str, Kind],
+) -> dict[str, torch.Tensor]:
     """X^T X of every layer's inputs (unfolded patches for channel convs), float64."""
     grams: dict[str, torch.Tensor] = {}
     modules = dict(layers)
@@ -313,7 +289,9 @@ def _grams(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[
     def observe(name: str, x: torch.Tensor) -> None:
         m = modules[name]
         if isinstance(m, nn.Conv2d):
-            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            patches = F.unfold(
+                x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )
             flat = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B*L, in*kh*kw)
         else:
             flat = x.reshape(-1, x.shape[-1])
@@ -324,12 +302,18 @@ def _grams(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[
     observe_layer_inputs(model, whitened, batches, observe)
     missing = [n for n, _ in whitened if n not in grams]
     if missing:
-        raise UsageError(f"lowrank: the calibration data never reached {missing[:5]}; exclude them or set data_aware=false")
+        raise UsageError(
+            f"lowrank: the calibration data never reached {missing[:5]}; exclude them or set data_aware=false"
+        )
     return grams
 
 
-def _choose_ranks(layers: list[tuple[str, nn.Module]], kinds: dict[str, Kind], spectra: dict[str, torch.Tensor],
-                  cfg: LowRankConfig) -> dict[str, int]:
+def _choose_ranks(
+    layers: list[tuple[str, nn.Module]],
+    kinds: dict[str, Kind],
+    spectra: dict[str, torch.Tensor],
+    cfg: LowRankConfig,
+) -> dict[str, int]:
     ranks: dict[str, int] = {}
     ratio = cfg.ratio if cfg.ratio is not None else DEFAULT_RATIO
     if cfg.allocation == "sensitivity":
@@ -349,12 +333,16 @@ def _choose_ranks(layers: list[tuple[str, nn.Module]], kinds: dict[str, Kind], s
                 ranks[name] = r
         full = _full_rank(module, kinds[name])
         if ranks[name] > full:
-            raise UsageError(f"lowrank: rank {ranks[name]} of '{name}' is above its full rank {full}")
+            raise UsageError(
+                f"lowrank: rank {ranks[name]} of '{name}' is above its full rank {full}"
+            )
     return ranks
 
 
 def _check_per_layer(cfg: LowRankConfig, layers: list[tuple[str, nn.Module]]) -> None:
-    unmatched = [rule for rule in cfg.per_layer if not any(rule_matches(rule, n, m) for n, m in layers)]
+    unmatched = [
+        rule for rule in cfg.per_layer if not any(rule_matches(rule, n, m) for n, m in layers)
+    ]
     if unmatched:
         raise UsageError(f"lowrank.per_layer names no selected Linear/Conv2d layer: {unmatched}")
 
@@ -369,7 +357,9 @@ def _apply_lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> nn.Mod
         _rebuild(model, ctx.structure.get(key), key)
         return model
     names = _candidates(model)
-    layers = select_modules(model, candidate=lambda n, m: n in names, include=cfg.include, exclude=cfg.exclude)
+    layers = select_modules(
+        model, candidate=lambda n, m: n in names, include=cfg.include, exclude=cfg.exclude
+    )
     if not layers:
         raise UsageError("lowrank: the model has no Linear or Conv2d (groups=1) layer to factor")
     _check_per_layer(cfg, layers)
@@ -386,14 +376,20 @@ def _apply_lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> nn.Mod
         torch.set_num_threads(threads)
 
 
-def _factor_layers(model: nn.Module, cfg: LowRankConfig, ctx: Context, layers: list[tuple[str, nn.Module]]) -> nn.Module:
+def _factor_layers(
+    model: nn.Module, cfg: LowRankConfig, ctx: Context, layers: list[tuple[str, nn.Module]]
+) -> nn.Module:
     kinds = {n: _kind(m, cfg) for n, m in layers}
     whitening: dict[str, torch.Tensor] = {}
     if cfg.data_aware:
         if ctx.calib is None:
-            raise UsageError("lowrank.data_aware needs calibration data: pass calib=... or set data_aware=false")
+            raise UsageError(
+                "lowrank.data_aware needs calibration data: pass calib=... or set data_aware=false"
+            )
         batches = checked_batches(ctx.calib, limit=cfg.calibration_batches)
-        whitening = {n: whitening_from_gram(g) for n, g in _grams(model, layers, batches, kinds).items()}
+        whitening = {
+            n: whitening_from_gram(g) for n, g in _grams(model, layers, batches, kinds).items()
+        }
     spectra = {n: singular_values(_matrix(m, kinds[n]), whitening.get(n)) for n, m in layers}
     ranks = _choose_ranks(layers, kinds, spectra, cfg)
     done: dict[str, dict[str, Any]] = {}
@@ -402,34 +398,71 @@ def _factor_layers(model: nn.Module, cfg: LowRankConfig, ctx: Context, layers: l
         kind, rank = kinds[name], ranks[name]
         saving = _mac_saving(module, kind, rank)
         if saving < cfg.min_mac_saving:
-            skipped.append({"layer": name, "rank": rank, "reason": f"saves {saving:.0%} of MACs < min_mac_saving"})
+            skipped.append(
+                {
+                    "layer": name,
+                    "rank": rank,
+                    "reason": f"saves {saving:.0%} of MACs < min_mac_saving",
+                }
+            )
             continue
         model.set_submodule(name, factorize(module, rank, kind=kind, whitening=whitening.get(name)))
         sq = spectra[name] ** 2
-        done[name] = {"kind": kind, "rank": rank, "full_rank": len(sq), "mac_saving": round(saving, 4),
-                      "energy_kept": round(float(sq[:rank].sum() / sq.sum().clamp(min=1e-300)), 4)}
-    ctx.structure[ctx.structure_key(TECHNIQUE)] = {"layers": {n: {"kind": d["kind"], "rank": d["rank"]} for n, d in done.items()}}
+        done[name] = {
+            "kind": kind,
+            "rank": rank,
+            "full_rank": len(sq),
+            "mac_saving": round(saving, 4),
+            "energy_kept": round(float(sq[:rank].sum() / sq.sum().clamp(min=1e-300)), 4),
+        }
+    ctx.structure[ctx.structure_key(TECHNIQUE)] = {
+        "layers": {n: {"kind": d["kind"], "rank": d["rank"]} for n, d in done.items()}
+    }
     before = sum(_costs(m, kinds[n])[0] for n, m in layers)
     after = sum(_costs(m, kinds[n])[0] for n, m in layers if n not in done)
     after += sum(d["rank"] * _costs(m, kinds[n])[1] for n, m in layers if (d := done.get(n)))
-    ctx.summary.append({"technique": TECHNIQUE, "factored": len(done), "skipped": skipped, "layers": done,
-                        "data_aware": cfg.data_aware, "selected_weights_kept_fraction": round(after / before, 4)})
+    ctx.summary.append(
+        {
+            "technique": TECHNIQUE,
+            "factored": len(done),
+            "skipped": skipped,
+            "layers": done,
+            "data_aware": cfg.data_aware,
+            "selected_weights_kept_fraction": round(after / before, 4),
+        }
+    )
     return model
 
 
 def _rebuild(model: nn.Module, entry: Any, key: str) -> None:
     """Skeleton mode: replace the recorded layers by factored ones of the recorded ranks."""
     if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict):
-        raise InputRefused(f"artefact structure has no valid '{key}' entry: cannot rebuild the factored layers")
+        raise InputRefused(
+            f"artefact structure has no valid '{key}' entry: cannot rebuild the factored layers"
+        )
     for name, spec in entry["layers"].items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise InputRefused(f"artefact structure names layer '{name}', which the model does not have") from None
-        kind, rank = (spec.get("kind"), spec.get("rank")) if isinstance(spec, dict) else (None, None)
-        expected = ("linear",) if isinstance(module, nn.Linear) else ("channel", "spatial") if isinstance(module, nn.Conv2d) else ()
+            raise InputRefused(
+                f"artefact structure names layer '{name}', which the model does not have"
+            ) from None
+        kind, rank = (
+            (spec.get("kind"), spec.get("rank")) if isinstance(spec, dict) else (None, None)
+        )
+        expected = (
+            ("linear",)
+            if isinstance(module, nn.Linear)
+            else ("channel", "spatial")
+            if isinstance(module, nn.Conv2d)
+            else ()
+        )
         if kind not in expected or not isinstance(rank, int) or isinstance(rank, bool):
-            raise InputRefused(f"artefact structure: '{name}' ({type(module).__name__}) cannot be factored as {spec!r}")
+            raise InputRefused(
+                f"artefact structure: '{name}' ({type(module).__name__}) cannot be factored as {spec!r}"
+            )
         if not 1 <= rank <= _full_rank(module, kind):
-            raise InputRefused(f"artefact structure: rank {rank} of '{name}' is outside 1..{_full_rank(module, kind)}")
+            raise InputRefused(
+                f"artefact structure: rank {rank} of '{name}' is outside 1..{_full_rank(module, kind)}"
+            )
         model.set_submodule(name, _empty_factored(module, kind, rank))
