@@ -62,9 +62,9 @@ START = {
         {"prune": "none", **INT8_STATIC, "int8.smoothquant": True, "int8.alpha": 0.85},
         {"prune": "none", "quantize": "weight_only", "weight_only.bits": 4, "weight_only.group_size": 32,
          "weight_only.method": "gptq"},
-        {"prune": "prune_transformer", "prune_transformer.heads_of_12": 2, "prune_transformer.ffn_ratio": 0.3,
+        {"prune": "prune_transformer", "recover": "none", "prune_transformer.heads_of_12": 2, "prune_transformer.ffn_ratio": 0.3,
          "quantize": "weight_only", "weight_only.bits": 4, "weight_only.group_size": 32, "weight_only.method": "gptq"},
-        {"prune": "prune_transformer", "prune_transformer.heads_of_12": 3, "prune_transformer.ffn_ratio": 0.5,
+        {"prune": "prune_transformer", "recover": "none", "prune_transformer.heads_of_12": 3, "prune_transformer.ffn_ratio": 0.5,
          **INT8_STATIC, "int8.smoothquant": True, "int8.alpha": 0.85},
     ],
     "digits": [

@@ -35,7 +35,11 @@ NONE = "none"
 
 
 class TrialLike(Protocol):
-    """The part of ``optuna.trial.Trial`` a space function may call."""
+    """The part of ``optuna.trial.Trial`` a space function may use. ``params`` holds what was
+    drawn so far in this trial (earlier slots come first), e.g. ``params["prune"]``."""
+
+    @property
+    def params(self) -> dict[str, Any]: ...
 
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
@@ -191,6 +195,8 @@ def _groups(layers: dict[str, str]) -> tuple[str, ...]:
 class _Probe:
     """A trial that answers every suggestion with its first or lowest value: used to ask a space
     function whether it applies to a model, without recording anything."""
+
+    params: dict[str, Any] = {}  # nothing drawn yet: a space must not depend on it to apply
 
     def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
         return low

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pared.cluster import ClusterConfig
 from pared.prune import ChannelPruneConfig, MagnitudePruneConfig, TransformerPruneConfig
 from pared.quant import Int8Config, SmoothQuantConfig, WeightOnlyConfig
-from pared.search.space import ModelInfo, TrialLike, register_space
+from pared.search.space import NONE, ModelInfo, TrialLike, register_space
 from pared.train import FinetuneConfig
 
 PER_GROUP = 2  # per-group knobs only for the most sensitive groups: few params, most of the gain
@@ -95,8 +95,11 @@ def transformer_prune_space(trial: TrialLike, info: ModelInfo) -> TransformerPru
 
 @register_space("finetune", slot="recover", order=30)
 def finetune_space(trial: TrialLike, info: ModelInfo) -> FinetuneConfig | None:
-    """A short recovery fine-tune on the task's training data (after pruning, before quantizing)."""
-    if not info.trainable:
+    """A short recovery fine-tune on the task's training data, after pruning (the prune slot is
+    drawn first: with nothing pruned there is nothing to recover). A transformer step costs about
+    as much as a CNN epoch here, hence its shorter range."""
+    if not info.trainable or getattr(trial, "params", {}).get("prune") == NONE:
         return None
-    return FinetuneConfig(steps=trial.suggest_int("finetune.steps", 20, 400, log=True),
+    most = 100 if info.attention else 400
+    return FinetuneConfig(steps=trial.suggest_int("finetune.steps", 10, most, log=True),
                           lr=trial.suggest_float("finetune.lr", 1e-5, 1e-3, log=True))
