@@ -54,6 +54,7 @@ class ModelInfo:
         task: the task name.
         layers: ``{layer name: module type name}`` of every Linear, Conv2d and Embedding.
         in_features: ``{Linear name: input width}`` (group sizes must divide it).
+        weights: ``{layer name: weight elements}`` (a layer cannot have more clusters than weights).
         attention: the model has attention blocks (BERT-style or ``nn.MultiheadAttention``).
         trainable: the task provides training data (fine-tuning steps are possible).
         groups: layer groups for per-group choices: each transformer block
@@ -70,6 +71,7 @@ class ModelInfo:
     trainable: bool
     groups: tuple[str, ...]
     sensitivity: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    weights: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def layers_of(self, *kinds: str) -> list[str]:
         """Names of the layers whose type is one of ``kinds``."""
@@ -168,15 +170,17 @@ def model_info(task_name: str, model: nn.Module, *, trainable: bool,
     """``ModelInfo`` of a float model (its structure only; nothing is run)."""
     layers: dict[str, str] = {}
     in_features: dict[str, int] = {}
+    weights: dict[str, int] = {}
     attention = False
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             layers[name] = type(m).__name__
+            weights[name] = m.weight.numel()
         if isinstance(m, nn.Linear):
             in_features[name] = m.in_features
         if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("SelfAttention"):
             attention = True
-    return ModelInfo(task_name, layers, in_features, attention, trainable, _groups(layers), sensitivity or {})
+    return ModelInfo(task_name, layers, in_features, attention, trainable, _groups(layers), sensitivity or {}, weights)
 
 
 _BLOCK = re.compile(r"^(.*?\.layers?\.\d+)\.")  # HF/PyTorch transformer blocks: encoder.layer.3.*

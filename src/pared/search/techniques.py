@@ -56,7 +56,11 @@ def cluster_space(trial: TrialLike, info: ModelInfo) -> ClusterConfig | None:
     """k-means weight sharing with 2**bits clusters per layer (a storage gain, not a speed one)."""
     if not info.layers_of("Linear", "Conv2d") or info.attention:
         return None  # k-means over every transformer weight is minutes per trial
-    return ClusterConfig(bits=trial.suggest_int("cluster.bits", 3, 8))
+    smallest = min((info.weights.get(n, 1 << 30) for n in info.layers_of("Linear", "Conv2d")), default=1)
+    most = min(8, smallest.bit_length() - 1)  # 2**bits clusters must not exceed any layer's weights
+    if most < 3:
+        return None
+    return ClusterConfig(bits=trial.suggest_int("cluster.bits", 3, most))
 
 
 @register_space("magnitude_prune", slot="prune", order=10)
