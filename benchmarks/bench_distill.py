@@ -123,6 +123,10 @@ def run_minilm(args: argparse.Namespace, scratch: Path) -> None:
 
     log("computing the fp32 reference embeddings")
     task.reference_embeddings()
+    if args.quality_only:  # latency depends on the structure only; a full run times it
+        emit({"bench": "distill", "part": part, "metrics": {"student-fp32-eager": rounded(task.evaluate(student))},
+              "eval_sentences": task.n_eval, "quality_only": True})
+        return
     calib = task.calibration()
     int8_student = pared.compress_(copy.deepcopy(student), load_recipe("int8"), context=Context(calib=calib, task=task))
     int8_teacher = pared.compress_(copy.deepcopy(teacher), load_recipe("int8"), context=Context(calib=calib, task=task))
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-threads", type=int, default=1, help="threads while distilling")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)")
+    parser.add_argument("--quality-only", action="store_true", help="MiniLM: distil and evaluate the student, no timing")
     parser.add_argument("--digits-steps", type=int, default=150, help="digits student training steps")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
