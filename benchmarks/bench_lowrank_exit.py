@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -112,7 +112,14 @@ def latency_ratios(
 
 
 def run_minilm(
-    rounds: int, scratch: Path, *, steps: int, swap_steps: int, lr: float, n_eval: int
+    rounds: int,
+    scratch: Path,
+    *,
+    steps: int,
+    swap_steps: int,
+    lr: float,
+    n_eval: int,
+    hidden_layers: Literal["all", "last"] = "all",
 ) -> None:
     from pared.tasks.minilm import MiniLMTask
 
@@ -126,7 +133,9 @@ def run_minilm(
     metrics: dict[str, Any] = {BASELINE: task.evaluate(fp32)}
     models: dict[str, nn.Module] = {BASELINE: fp32}
     info: dict[str, Any] = {}
-    recover = DistillConfig(steps=steps, lr=lr, batch_size=16, optimizer="adamw", hidden=1.0)
+    recover = DistillConfig(
+        steps=steps, lr=lr, batch_size=16, optimizer="adamw", hidden=1.0, layers=hidden_layers
+    )
 
     t0 = time.perf_counter()
     ctx = Context(calib=calib, task=task)
@@ -389,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--swap-steps", type=int, default=100, help="MiniLM ReLU-swap recovery steps (0: none)"
     )
-    parser.add_argument("--lr", type=float, default=1e-4, help="MiniLM recovery learning rate")
+    parser.add_argument("--lr", type=float, default=3e-4, help="MiniLM recovery learning rate")
+    parser.add_argument(
+        "--hidden-layers",
+        choices=("all", "last"),
+        default="all",
+        help="MiniLM recovery: hidden-state distillation of every layer or of the last one",
+    )
     parser.add_argument(
         "--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)"
     )
@@ -413,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     swap_steps=args.swap_steps,
                     lr=args.lr,
                     n_eval=args.n_eval,
+                    hidden_layers=args.hidden_layers,
                 )
             elif part == "digits-svd":
                 run_digits_svd(args.rounds, Path(tmp))
