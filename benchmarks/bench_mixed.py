@@ -17,7 +17,8 @@ Methods (2 intra-op threads each; every compressed one is its exported ONNX file
 - ``int4-mixed-onnxruntime``: the built-in ``int4-mixed`` recipe (a fixed per-layer plan);
 - ``mixed-allocated-onnxruntime`` (with ``--budget-mb``): the allocator's plan for that budget,
   from per-layer sensitivities measured on calibration data and cached in pared's cache folder
-  (``minilm_sensitivity_*.json``): measuring them runs the model 4 x 40 times.
+  (``minilm_sensitivity_*.json``): measuring them runs the model on 32 calibration sentences
+  once per (layer, quantized choice), 86 times (about 40 minutes on the busy 2-core machine).
 
 Latency uses ``bench_int8.timed_rounds`` (interleaved rounds, settle calls, busy rounds set aside).
 
