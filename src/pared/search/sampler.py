@@ -28,6 +28,8 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # pared runs the heartbeat itself around ask/tell (see study.run_trial)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         yield
 
 

@@ -16,11 +16,13 @@ uninterrupted one with the same seed.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -159,19 +161,50 @@ def run_worker(spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> i
     """
     worker = _Worker(spec, study, evaluator)
     deadline = None if spec.time_budget_s is None else time.monotonic() + spec.time_budget_s
-    try:
-        while _more_to_do(study, spec.trials, deadline):
-            study.optimize(worker.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[worker.after_trial])
-    except KeyboardInterrupt:
-        if worker.current is not None:
-            frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-                study._study_id, worker.current))
-            if frozen.state == TrialState.FAIL:  # Optuna marked it so on the way out
-                retry_trial(study, frozen)
-        output.write_outputs(study, Path(spec.out))
-        raise
+    while _more_to_do(study, spec.trials, deadline):
+        run_trial(study, worker)
     return worker.evaluated
+
+
+def run_trial(study: optuna.Study, worker: _Worker) -> None:
+    """Ask, evaluate, tell: Optuna's ``optimize`` loop for one trial, with a daemon heartbeat.
+
+    ``study.optimize`` runs its heartbeat in a non-daemon thread; a Ctrl-C landing while that
+    thread starts leaves it beating forever and the process never exits. Here the beat thread
+    is a daemon, and a Ctrl-C marks the trial FAIL, enqueues it again and propagates.
+    """
+    with _quiet():
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, then retried
+        trial = study.ask()
+    stop = threading.Event()
+    threading.Thread(target=_beat, args=(study._storage, trial._trial_id, stop), daemon=True).start()
+    try:
+        values = worker.objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+        if "error" not in trial.user_attrs:
+            trial.set_user_attr("error", _one_line(exc))
+        study.tell(trial, state=TrialState.FAIL)
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted (Ctrl-C)")
+        study.tell(trial, state=TrialState.FAIL)
+        retry_trial(study, study._storage.get_trial(trial._trial_id))
+        output.write_outputs(study, worker.out)
+        raise
+    else:
+        study.tell(trial, values)
+    finally:
+        stop.set()
+    gc.collect()
+    worker.after_trial(study, study._storage.get_trial(trial._trial_id))
+
+
+def _beat(storage: Any, trial_id: int, stop: threading.Event) -> None:
+    while True:
+        storage.record_heartbeat(trial_id)
+        if stop.wait(HEARTBEAT_S):
+            return
 
 
 def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.storages.RDBStorage:
@@ -320,11 +353,9 @@ class _Worker:
         self.slots = select_spaces(spec.techniques, self.info)
         self.objectives: list[Objective] = parse_objectives(spec.objectives, list(self.baseline), self.primary)
         self.constraints: list[Constraint] = _constraints(study)
-        self.current: int | None = None
         self.evaluated = 0
 
     def objective(self, trial: optuna.Trial) -> list[float]:
-        self.current = trial.number
         recipe = build_recipe(trial, self.slots, self.info)
         if not recipe:
             trial.set_user_attr("error", "pruned: every slot is 'none', nothing to compress")
@@ -332,15 +363,9 @@ class _Worker:
         trial.set_user_attr("recipe", [config_to_dict(c) for c in recipe])
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.evaluated += 1
-        try:
-            report = self.evaluator.run(recipe, self.out / output.POINTS / output.trial_name(trial.number),
-                                        on_metrics=lambda m: self._prune_hopeless(trial, m))
-            metrics = metrics_from_report(report)
-        except optuna.TrialPruned:
-            raise
-        except BaseException as exc:
-            trial.set_user_attr("error", _one_line(exc))
-            raise
+        report = self.evaluator.run(recipe, self.out / output.POINTS / output.trial_name(trial.number),
+                                    on_metrics=lambda m: self._prune_hopeless(trial, m))
+        metrics = metrics_from_report(report)
         trial.set_user_attr("metrics", {k: _jsonable(v) for k, v in metrics.items()})
         trial.set_user_attr("baseline", output.baseline_of(report))
         base = float(report["baseline"]["metrics"][self.primary])
@@ -365,7 +390,6 @@ class _Worker:
                 raise optuna.TrialPruned(f"{c} broken")
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.current = None
         output.write_outputs(study, self.out)
         state = trial.state.name
         print(f"trial {trial.number}: {state} {trial.values or trial.user_attrs.get('error', '')}", file=sys.stderr, flush=True)
