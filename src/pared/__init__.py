@@ -13,6 +13,8 @@ from pared.errors import (
 
 from pared.quant import Int8Config, SmoothQuantConfig, WeightOnlyConfig
 from pared.train import FinetuneConfig
+from pared.distill import DistillConfig
+from pared.student import DropLayersConfig
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "Context",
     "EnvironmentIOError",
     "FinetuneConfig",
+    "DistillConfig",
+    "DropLayersConfig",
     "Int8Config",
     "SmoothQuantConfig",
     "WeightOnlyConfig",
