@@ -22,7 +22,6 @@ Sentence encoders need no labels: ``MiniLMTask``'s own loss is embedding distill
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ from pared.apply import Context, register
 from pared.config import register_config
 from pared.errors import UsageError
 from pared.student import layer_stack
+from pared.teacher_cache import TeacherCache
 from pared.train import (
     FinetuneConfig,
     StepHook,
@@ -304,61 +304,6 @@ class _Capture:
             h.remove()
 
 
-class _TeacherCache:
-    """Teacher tensors per training sample, keyed by a hash of the sample's inputs.
-
-    With a token mask, a sample's key and its stored rows cover only its real tokens, so the same
-    sentence padded to another batch length hits; rows are padded back with zeros, which every
-    masked loss ignores.
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[bytes, list[torch.Tensor]] = {}
-
-    def keys(self, inputs: tuple[torch.Tensor, ...], lengths: list[int] | None) -> list[bytes]:
-        out = []
-        for b in range(inputs[0].shape[0]):
-            h = hashlib.sha1()
-            for t in inputs:
-                row = t[b, : lengths[b]] if lengths is not None else t[b]
-                h.update(row.detach().cpu().contiguous().numpy().tobytes())
-            out.append(h.digest())
-        return out
-
-    def lookup(
-        self, keys: list[bytes], seq_len: int | None, device: torch.device
-    ) -> list[torch.Tensor] | None:
-        if not all(k in self.rows for k in keys):
-            return None
-        columns = zip(*(self.rows[k] for k in keys), strict=True)
-        return [torch.stack([_fit(r, seq_len) for r in col]).to(device) for col in columns]
-
-    def store(
-        self,
-        keys: list[bytes],
-        tensors: list[torch.Tensor],
-        lengths: list[int] | None,
-        seq_len: int | None,
-    ) -> None:
-        for b, key in enumerate(keys):
-            self.rows[key] = [
-                _trim(t[b], seq_len, lengths[b] if lengths else None) for t in tensors
-            ]
-
-
-def _trim(row: torch.Tensor, seq_len: int | None, length: int | None) -> torch.Tensor:
-    # A row is per-token when its first dim is the batch's sequence length.
-    if length is not None and row.dim() >= 2 and row.shape[0] == seq_len:
-        row = row[:length]
-    return row.detach().cpu().clone()
-
-
-def _fit(row: torch.Tensor, seq_len: int | None) -> torch.Tensor:
-    if seq_len is None or row.dim() < 2 or row.shape[0] >= seq_len:
-        return row
-    return F.pad(row, (0,) * (2 * (row.dim() - 1)) + (0, seq_len - row.shape[0]))
-
-
 class _Distiller(nn.Module):
     """What the training loop trains: the student plus the projections; the forward also runs
     (or looks up) the teacher, and leaves both sides' features for the loss."""
@@ -373,7 +318,7 @@ class _Distiller(nn.Module):
         self.pairs = pairs
         self._student_capture = _Capture([m for p in pairs for m in p.student])
         self._teacher_capture = _Capture([m for p in pairs for m in p.teacher])
-        self.cache = _TeacherCache() if cache else None
+        self.cache = TeacherCache() if cache else None
         self.mask: torch.Tensor | None = None
         self.teacher_output: torch.Tensor | None = None
         self.features: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
