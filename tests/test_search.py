@@ -255,3 +255,15 @@ def test_logical_index_skips_retried_trials():
     for number, trial in enumerate(t):  # trial 1 was killed and rerun as trial 3
         trial.number = number
     assert [logical_index(t, n) for n in range(4)] == [0, 1, 1, 2]
+
+
+def test_sensitivity_scan_is_skipped_when_it_would_eat_the_time_budget(tmp_path, capsys):
+    from pared.search.space import model_info
+    from pared.search.study import _sensitivity_affordable
+    from pared.tasks.digits import DigitsCNN
+
+    info = model_info("digits", DigitsCNN(), trainable=True)  # 5 groups: 10 evaluations
+    assert _sensitivity_affordable(spec(tmp_path, time_budget_s=None), info, one_eval_s=60.0)
+    assert _sensitivity_affordable(spec(tmp_path, time_budget_s=600.0), info, one_eval_s=6.0)
+    assert not _sensitivity_affordable(spec(tmp_path, time_budget_s=600.0), info, one_eval_s=6.1)
+    assert "sensitivity scan skipped" in capsys.readouterr().err

@@ -268,12 +268,16 @@ def _load_or_create(spec: SearchSpec, storage: optuna.storages.RDBStorage, evalu
         return load_study(spec, storage)
     if resume and not existed:
         raise UsageError(f"nothing to resume: no study {spec.study_name!r} in {_redact(spec.storage_url())}")
+    started = time.perf_counter()
     baseline = evaluator.baseline_metrics()
+    one_eval = time.perf_counter() - started
     objectives = parse_objectives(spec.objectives, list(baseline), evaluator.primary_metric)
     for text in spec.constraints:
         parse_constraint(text, list(baseline))
-    select_spaces(spec.techniques, evaluator.model_info(sensitivity=False))  # empty space: fail fast
-    info = evaluator.model_info(sensitivity=spec.sensitivity)
+    info = evaluator.model_info(sensitivity=False)
+    select_spaces(spec.techniques, info)  # empty space: fail fast
+    if spec.sensitivity and _sensitivity_affordable(spec, info, one_eval):
+        info = evaluator.model_info(sensitivity=True)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.study_name,
                                     directions=[o.direction for o in objectives])
@@ -283,6 +287,16 @@ def _load_or_create(spec: SearchSpec, storage: optuna.storages.RDBStorage, evalu
     study.set_user_attr(BASELINE_ATTR, {"primary": evaluator.primary_metric, "metrics": baseline})
     study.set_user_attr(INFO_ATTR, dataclasses.asdict(info))
     return load_study(spec, storage)
+
+
+def _sensitivity_affordable(spec: SearchSpec, info: ModelInfo, one_eval_s: float) -> bool:
+    """The scan costs two evaluations per layer group; under a time budget it may take at most
+    a tenth of it (on a loaded 2-core machine MiniLM's scan alone took over 20 minutes)."""
+    cost = 2 * len(info.groups) * one_eval_s
+    if spec.time_budget_s is None or cost <= 0.1 * spec.time_budget_s:
+        return True
+    print(f"sensitivity scan skipped: about {cost:.0f}s, over a tenth of the time budget", file=sys.stderr)
+    return False
 
 
 def _half_created(spec: SearchSpec, storage: optuna.storages.BaseStorage) -> bool:
