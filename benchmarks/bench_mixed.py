@@ -25,6 +25,7 @@ Latency uses ``bench_int8.timed_rounds`` (interleaved rounds, settle calls, busy
 Usage:
     python benchmarks/bench_mixed.py > mixed.jsonl
     python benchmarks/bench_mixed.py --budget-mb 15 --rounds 10 > mixed.jsonl
+    python benchmarks/bench_mixed.py --budget-mb 15 --only mixed-allocated-onnxruntime
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def allocated_plan(task: MiniLMTask, fp32: torch.nn.Module, budget_bytes: int) -
     return allocate_plan(sens, sizes, budget_bytes - ONNX_MARGIN_BYTES - fixed_bytes(fp32))
 
 
-def build_methods(task: MiniLMTask, fp32: torch.nn.Module, scratch: Path, budget_mb: float | None) -> list[Method]:
+def build_methods(task: MiniLMTask, fp32: torch.nn.Module, scratch: Path, budget_mb: float | None,
+                  only: set[str] | None = None) -> list[Method]:
     names, axes = task.input_names(), task.dynamic_axes()
     inputs = task.example_inputs(max(BATCHES))
     methods = [Method(BASELINE, make_runner("torch", model=fp32, threads=THREADS), runtime="torch",
@@ -132,6 +134,8 @@ def build_methods(task: MiniLMTask, fp32: torch.nn.Module, scratch: Path, budget
         plan = allocated_plan(task, fp32, int(budget_mb * 1e6))
         recipes.append(("mixed-allocated-onnxruntime", [MixedPrecisionConfig(plan=plan)], "ONNX file (MatMulNBits, mixed)"))
     for name, recipe, what in recipes:
+        if only is not None and name not in only:
+            continue
         t = time.perf_counter()
         model = compress_(copy.deepcopy(fp32), recipe, calib=task.calibration())
         onnx_method(name, model, what)
@@ -148,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-mb", type=float, default=None,
                         help="also run the allocator's plan for this size budget (MB = 10^6 bytes)")
     parser.add_argument("--n-eval", type=int, default=512, help="evaluation sentences (512 = all)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated compressed methods to build (the fp32 rows always run)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     torch.set_num_threads(THREADS)
     task = MiniLMTask(n_eval=args.n_eval)
     fp32 = task.model()
     with tempfile.TemporaryDirectory(prefix="bench_mixed_") as tmp:
-        methods = build_methods(task, fp32, Path(tmp), args.budget_mb)
+        only = set(args.only.split(",")) if args.only else None
+        methods = build_methods(task, fp32, Path(tmp), args.budget_mb, only)
         task.reference_embeddings()
         metrics = evaluate_all(task, methods)
         fp32_bytes = methods[0].size_bytes
