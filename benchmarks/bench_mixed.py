@@ -14,7 +14,9 @@ Methods (2 intra-op threads each; every compressed one is its exported ONNX file
 - ``int8-onnxruntime``: the built-in ``int8`` recipe (SmoothQuant + static int8, QDQ);
 - ``int4-rtn-onnxruntime``: weight-only int4, groups of 32, round to nearest, embeddings too;
 - ``int4-gptq-onnxruntime``: the built-in ``int4`` recipe (GPTQ, groups of 32);
-- ``int4-mixed-onnxruntime``: the built-in ``int4-mixed`` recipe (a fixed per-layer plan);
+- ``int4-mixed-onnxruntime``: the built-in ``int4-mixed`` recipe (hand-written rules for BERT encoders);
+- ``minilm-mixed-15mb-onnxruntime``: the built-in ``minilm-mixed-15mb`` recipe, the allocator's
+  plan for a 15 MB budget written out as a recipe;
 - ``mixed-allocated-onnxruntime`` (with ``--budget-mb``): the allocator's plan for that budget,
   from per-layer sensitivities measured on calibration data and cached in pared's cache folder
   (``minilm_sensitivity_*.json``): measuring them runs the model on 32 calibration sentences
@@ -129,6 +131,7 @@ def build_methods(task: MiniLMTask, fp32: torch.nn.Module, scratch: Path, budget
         ("int4-rtn-onnxruntime", [WeightOnlyConfig(bits=4, group_size=32, method="rtn")], "ONNX file (MatMulNBits)"),
         ("int4-gptq-onnxruntime", load_recipe("int4"), "ONNX file (MatMulNBits)"),
         ("int4-mixed-onnxruntime", load_recipe("int4-mixed"), "ONNX file (MatMulNBits, mixed)"),
+        ("minilm-mixed-15mb-onnxruntime", load_recipe("minilm-mixed-15mb"), "ONNX file (MatMulNBits, mixed)"),
     ]
     if budget_mb is not None:
         plan = allocated_plan(task, fp32, int(budget_mb * 1e6))
