@@ -267,3 +267,24 @@ def test_sensitivity_scan_is_skipped_when_it_would_eat_the_time_budget(tmp_path,
     assert _sensitivity_affordable(spec(tmp_path, time_budget_s=600.0), info, one_eval_s=6.0)
     assert not _sensitivity_affordable(spec(tmp_path, time_budget_s=600.0), info, one_eval_s=6.1)
     assert "sensitivity scan skipped" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own bare study.ask()
+def test_a_dead_workers_trial_is_failed_after_the_grace_period_and_retried(tmp_path, monkeypatch):
+    import pared.search.study as study_module
+    from pared.search.study import prepare, run_worker
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(study_module, "GRACE_S", 2)
+    s = spec(tmp_path, trials=3)
+    study = prepare(s, evaluator=SyntheticEvaluator(), join=True)
+    dead = study.ask()  # a worker that took a trial, beat once, and died
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(3)
+    run_worker(s, study, SyntheticEvaluator())  # a live worker joining the study
+    trials = study.get_trials(deepcopy=False)
+    assert trials[dead.number].state == optuna.trial.TrialState.FAIL
+    assert dead.number in superseded(trials)
+    retry = [t for t in trials if t.system_attrs.get("retry_history") == [dead.number]]
+    assert len(retry) == 1 and retry[0].state.is_finished()
+    assert sum(t.number not in superseded(trials) for t in trials) == 3
