@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+# A shell that starts a job in the background without job control (as CI runners do) sets SIGINT
+# to "ignore", and Python then never turns it into KeyboardInterrupt. The Ctrl-C tests send
+# SIGINT to forked children and subprocesses, which inherit the disposition, so restore it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

