@@ -40,8 +40,13 @@ CFG = {"steps": 12, "lr": 0.05, "optimizer": "sgd", "grad_accum": 2}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     import pared.train as train_module
 
@@ -49,10 +54,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     real_save = train_module.save_checkpoint
     train_module.save_checkpoint = lambda *a, **k: writes.append(1) or real_save(*a, **k)
     model = _model(seed=rank)  # ranks start different: DDP must broadcast rank 0's weights
-    cfg = FinetuneConfig(batch_size=16, checkpoint_dir=str(Path(out) / "ckpt"), checkpoint_every=6, **CFG)
+    cfg = FinetuneConfig(
+        batch_size=16, checkpoint_dir=str(Path(out) / "ckpt"), checkpoint_every=6, **CFG
+    )
     result = train(model, Regression(), cfg, progress=False)
     torch.save({k: v.detach() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"steps": result.steps, "checkpoint_writes": len(writes)}))
+    (Path(out) / f"rank{rank}.json").write_text(
+        json.dumps({"steps": result.steps, "checkpoint_writes": len(writes)})
+    )
 
 
 def _free_port() -> int:

@@ -53,7 +53,17 @@ def test_unknown_layer_index_is_named() -> None:
         compress_(tiny_bert(), DropLayersConfig(keep=(1, 4)))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"every": 2, "keep": (1,)}, {"every": -1}, {"keep": (3, 1)}, {"keep": (1, 1)}, {"keep": (-1,)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"every": 2, "keep": (1,)},
+        {"every": -1},
+        {"keep": (3, 1)},
+        {"keep": (1, 1)},
+        {"keep": (-1,)},
+    ],
+)
 def test_bad_configs_are_refused(kwargs: dict) -> None:
     with pytest.raises(UsageError, match="drop_layers"):
         DropLayersConfig(**kwargs)
@@ -68,14 +78,29 @@ def test_bert_student_keeps_the_teacher_layers() -> None:
     teacher = tiny_bert()
     ctx = Context()
     student = compress_(copy.deepcopy(teacher), DropLayersConfig(every=2), context=ctx)
-    assert ctx.summary == [{"technique": "drop_layers", "stack": "bert.encoder.layer", "layers_before": 4, "kept": [1, 3]}]
+    assert ctx.summary == [
+        {
+            "technique": "drop_layers",
+            "stack": "bert.encoder.layer",
+            "layers_before": 4,
+            "kept": [1, 3],
+        }
+    ]
     assert len(student.bert.encoder.layer) == 2 and student.bert.config.num_hidden_layers == 2
     for j, i in enumerate([1, 3]):
-        s, t = student.bert.encoder.layer[j].state_dict(), teacher.bert.encoder.layer[i].state_dict()
+        s, t = (
+            student.bert.encoder.layer[j].state_dict(),
+            teacher.bert.encoder.layer[i].state_dict(),
+        )
         assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
     # embeddings are the teacher's too; the student runs and is smaller
-    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
-    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    assert torch.equal(
+        student.bert.embeddings.word_embeddings.weight,
+        teacher.bert.embeddings.word_embeddings.weight,
+    )
+    assert sum(p.numel() for p in student.parameters()) < sum(
+        p.numel() for p in teacher.parameters()
+    )
     with torch.no_grad():
         out = student(*token_batch(3, seed=5))
     assert out.shape == (3, 32) and torch.isfinite(out).all()
@@ -85,7 +110,9 @@ def test_keeping_every_layer_changes_nothing() -> None:
     teacher = tiny_bert()
     student = compress_(copy.deepcopy(teacher), DropLayersConfig(keep=(0, 1, 2, 3)))
     with torch.no_grad():
-        assert torch.allclose(student(*token_batch(3, seed=5)), teacher(*token_batch(3, seed=5)), atol=1e-6)
+        assert torch.allclose(
+            student(*token_batch(3, seed=5)), teacher(*token_batch(3, seed=5)), atol=1e-6
+        )
 
 
 def test_sequential_stack_and_root_stack() -> None:

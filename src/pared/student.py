@@ -44,13 +44,17 @@ class DropLayersConfig(BaseConfig):
 
     def validate(self) -> None:
         if (self.every > 0) == bool(self.keep):
-            raise UsageError("drop_layers: give exactly one of every (>= 1) and keep (a list of layer indices)")
+            raise UsageError(
+                "drop_layers: give exactly one of every (>= 1) and keep (a list of layer indices)"
+            )
         if self.every < 0:
             raise UsageError(f"drop_layers.every must be >= 1, got {self.every}")
         if any(i < 0 for i in self.keep):
             raise UsageError(f"drop_layers.keep holds 0-based layer indices, got {list(self.keep)}")
         if list(self.keep) != sorted(set(self.keep)):
-            raise UsageError(f"drop_layers.keep must be increasing without repeats, got {list(self.keep)}")
+            raise UsageError(
+                f"drop_layers.keep must be increasing without repeats, got {list(self.keep)}"
+            )
 
 
 def layer_stack(model: nn.Module, name: str = "") -> tuple[str, nn.ModuleList | nn.Sequential]:
@@ -69,19 +73,25 @@ def layer_stack(model: nn.Module, name: str = "") -> tuple[str, nn.ModuleList | 
         except AttributeError:
             raise UsageError(f"drop_layers.stack: no module named {name!r}") from None
         if not isinstance(stack, (nn.ModuleList, nn.Sequential)):
-            raise UsageError(f"drop_layers.stack: {name!r} is a {type(stack).__name__}, not a ModuleList or Sequential")
+            raise UsageError(
+                f"drop_layers.stack: {name!r} is a {type(stack).__name__}, not a ModuleList or Sequential"
+            )
         return name, stack
     candidates = [(n, m) for n, m in model.named_modules() if _is_stack(m)]
     hf = [(n, m) for n, m in candidates if n == "encoder.layer" or n.endswith(".encoder.layer")]
     if len(hf) == 1:
         return hf[0]
     if not candidates:
-        raise UsageError(f"no layer stack in {type(model).__name__}: no ModuleList/Sequential of same-class blocks; name one with stack=")
+        raise UsageError(
+            f"no layer stack in {type(model).__name__}: no ModuleList/Sequential of same-class blocks; name one with stack="
+        )
     longest = max(len(m) for _, m in candidates)
     best = [(n, m) for n, m in candidates if len(m) == longest]
     if len(best) > 1:
         names = ", ".join(n or "<root>" for n, _ in best)
-        raise UsageError(f"several layer stacks of {longest} layers ({names}); choose one with stack=")
+        raise UsageError(
+            f"several layer stacks of {longest} layers ({names}); choose one with stack="
+        )
     return best[0]
 
 
@@ -101,11 +111,15 @@ def kept_layers(depth: int, cfg: DropLayersConfig, stack_name: str = "layers") -
     if cfg.keep:
         unknown = [i for i in cfg.keep if i >= depth]
         if unknown:
-            raise UsageError(f"drop_layers.keep names layer(s) {unknown}, but {stack_name} has {depth} (0-{depth - 1})")
+            raise UsageError(
+                f"drop_layers.keep names layer(s) {unknown}, but {stack_name} has {depth} (0-{depth - 1})"
+            )
         return list(cfg.keep)
     kept = list(range(cfg.every - 1, depth, cfg.every))
     if not kept:
-        raise UsageError(f"drop_layers.every={cfg.every} keeps no layer of {stack_name}, which has {depth}")
+        raise UsageError(
+            f"drop_layers.every={cfg.every} keeps no layer of {stack_name}, which has {depth}"
+        )
     return kept
 
 
@@ -114,7 +128,11 @@ def drop_layers(model: nn.Module, cfg: DropLayersConfig) -> tuple[nn.Module, dic
     name, stack = layer_stack(model, cfg.stack)
     depth = len(stack)
     kept = kept_layers(depth, cfg, name or "the model")
-    smaller = type(stack)(*[stack[i] for i in kept]) if isinstance(stack, nn.Sequential) else nn.ModuleList([stack[i] for i in kept])
+    smaller = (
+        type(stack)(*[stack[i] for i in kept])
+        if isinstance(stack, nn.Sequential)
+        else nn.ModuleList([stack[i] for i in kept])
+    )
     if name:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, smaller)

@@ -22,8 +22,15 @@ def tiny_bert(layers: int = 4, hidden: int = 32, *, heads: int = 4, seed: int = 
 
     from pared.tasks.minilm import SentenceEncoder
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, initializer_range=0.1)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         bert = BertModel(config, add_pooling_layer=False)
@@ -58,7 +65,9 @@ class TokenDistillTask:
     def model(self) -> nn.Module:
         return tiny_bert(self.teacher_layers)
 
-    def train_batches(self, batch_size: int, *, seed: int) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    def train_batches(
+        self, batch_size: int, *, seed: int
+    ) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         order = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(seed))
         out = []
         for idx in order.split(batch_size):
