@@ -16,6 +16,8 @@ Methods (all at 2 intra-op threads):
   can tell the runtime's own gain from the gain of compression;
 - ``pared-int8-openvino`` / ``pared-int8-onnxruntime``: ``compress_`` with the built-in ``int8``
   recipe, exported as QDQ ONNX, run by each runtime;
+- ``pared-int8-openvino-bf16`` / ``pared-fp32-openvino-bf16``: the same files in OpenVINO with the
+  ops left in float run in bf16 (AMX / AVX512-BF16 CPUs; fp32 elsewhere);
 - ``ort-quantize-dynamic``: ONNX Runtime's ``quantize_dynamic`` (int8 weights) on the fp32 export;
 - ``torch-ao-dynamic``: ``torch.ao.quantization.quantize_dynamic`` on the Linear layers, eager.
 
@@ -159,13 +161,22 @@ def build_methods(
         export_onnx(model, inputs, path, input_names=names, dynamic_axes=axes)
         size = path.stat().st_size
         out = []
-        for rt in ("openvino", "onnxruntime"):
+        for rt in ("openvino", "openvino-bf16", "onnxruntime"):
             run = make_runner(rt, onnx_path=path, threads=THREADS, input_names=names)
             out.append(Method(f"pared-int8-{rt}", run, runtime=rt, size_bytes=size,
                               size_what="ONNX file (QDQ, int8 initializers)"))
         return out
 
     attempt("pared-int8-openvino+onnxruntime", pared_int8)
+
+    def fp32_openvino_bf16() -> Method:
+        if not fp32_onnx.is_file():
+            raise RuntimeError("no fp32 ONNX export (pared-fp32-openvino failed)")
+        run = make_runner("openvino-bf16", onnx_path=fp32_onnx, threads=THREADS, input_names=names)
+        return Method("pared-fp32-openvino-bf16", run, runtime="openvino-bf16",
+                      size_bytes=fp32_onnx.stat().st_size, size_what="ONNX file (fp32)")
+
+    attempt("pared-fp32-openvino-bf16", fp32_openvino_bf16)
 
     def ort_dynamic() -> Method:
         from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -16,7 +16,8 @@ from torch import nn
 from pared.apply import compress_
 from pared.onnx_export import export_onnx, fold_constant_quantize, remove_unused_initializers
 from pared.quant import Int8Config, QuantLinear
-from pared.runtime import OnnxRuntimeRunner, OpenVinoRunner
+from pared.errors import UsageError
+from pared.runtime import OnnxRuntimeRunner, OpenVinoRunner, make_runner
 from pared.testing.models import TinyCNN, random_batches, tiny_cnn, tiny_mlp
 
 AXES = {"x": {0: "batch"}}
@@ -90,6 +91,23 @@ def test_openvino_matches_eager_quantized_model(static_models, name: str) -> Non
     y = OpenVinoRunner(path, threads=1, input_names=["x"])(x)
     assert y.shape == ref.shape
     assert _rel_err(y, ref) < 1e-3
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_openvino_bf16_runtime_runs_float_ops_in_bf16_where_supported(static_models, name: str) -> None:
+    q, path, x = static_models[name]
+    with torch.no_grad():
+        ref = q(x)
+    run = make_runner("openvino-bf16", onnx_path=path, threads=1, input_names=["x"])
+    assert run.runtime == "openvino-bf16" and run.effective_precision in ("bf16", "f32")
+    # bf16 keeps 8 mantissa bits: ~0.4% per op, int8 ops are exact either way
+    assert _rel_err(run(x), ref) < (3e-2 if run.effective_precision == "bf16" else 1e-3)
+
+
+def test_unknown_openvino_precision_is_refused(static_models) -> None:
+    _, path, _ = static_models["mlp"]
+    with pytest.raises(UsageError, match="precision must be f32 or bf16"):
+        OpenVinoRunner(path, threads=1, input_names=["x"], precision="f16")
 
 
 @pytest.mark.parametrize("name", list(CASES))

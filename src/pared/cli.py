@@ -23,7 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-RUNTIME_HELP = "Runtime for the compressed model: auto (OpenVINO, or ONNX Runtime for int4), openvino, onnxruntime or torch."
+RUNTIME_HELP = (
+    "Runtime for the compressed model: auto (OpenVINO, or ONNX Runtime for int4), openvino, "
+    "openvino-bf16 (float ops in bf16 on CPUs with bf16 units), onnxruntime or torch."
+)
 MODEL_HELP = "Built-in name (minilm, digits, lenet300, lenet5), a package.module:function factory, or a Hugging Face model directory."
 
 

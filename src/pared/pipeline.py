@@ -145,7 +145,7 @@ def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Pa
     paths["compressed"] = export_onnx(compressed, inputs, tmp / ONNX_FILE, input_names=names, dynamic_axes=task.dynamic_axes())
     if runtime == "auto":
         runtime = "onnxruntime" if uses_contrib_ops(paths["compressed"]) else "openvino"
-    elif runtime == "openvino" and uses_contrib_ops(paths["compressed"]):
+    elif runtime.startswith("openvino") and uses_contrib_ops(paths["compressed"]):
         raise UsageError("this recipe exports ONNX Runtime contrib ops (int4 MatMulNBits) that OpenVINO cannot run: use --runtime onnxruntime or auto")
     with tempfile.TemporaryDirectory() as scratch:
         fp32_onnx = export_onnx(fp32, inputs, Path(scratch) / "fp32.onnx", input_names=names, dynamic_axes=task.dynamic_axes())

@@ -18,7 +18,7 @@ from torch import nn
 
 from pared.errors import UsageError
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-bf16")
 
 
 class TorchRunner:
@@ -59,27 +59,40 @@ class OnnxRuntimeRunner:
 
 
 class OpenVinoRunner:
-    """An ONNX file compiled by OpenVINO for CPU, latency hint, fp32 inference precision.
+    """An ONNX file compiled by OpenVINO for CPU, latency hint, pinned float precision.
 
-    fp32 precision is pinned: OpenVINO otherwise runs float parts in bf16 on CPUs that support
-    it, which changes accuracy (and was slower on this project's CPUs without AMX).
+    ``precision="f32"`` (runtime ``openvino``) runs every float op in fp32. ``"bf16"`` (runtime
+    ``openvino-bf16``) lets the ops left in float (attention, softmax, norms) run in bf16 on CPUs
+    with bf16 units (AMX, AVX512-BF16); int8 ops stay int8 either way. OpenVINO picks bf16 by
+    itself on such CPUs, so pinning makes the choice explicit and recorded; on a CPU without bf16
+    support OpenVINO falls back to fp32, and ``effective_precision`` says what it used.
     """
 
-    runtime = "openvino"
-
-    def __init__(self, path: str | os.PathLike[str], *, threads: int, input_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int,
+        input_names: Sequence[str],
+        precision: str = "f32",
+    ) -> None:
         import openvino as ov
 
+        if precision not in ("f32", "bf16"):
+            raise UsageError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")
         core = ov.Core()
         config = {
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": precision,
         }
         self.compiled = core.compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.input_names = list(input_names)
         self.threads = threads
+        self.runtime = "openvino" if precision == "f32" else "openvino-bf16"
+        used = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
+        self.effective_precision = "bf16" if "bf16" in str(used) or "bfloat16" in str(used) else "f32"
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         feed = {n: _numpy(t) for n, t in zip(self.input_names, inputs)}
@@ -90,7 +103,7 @@ class OpenVinoRunner:
 def make_runner(
     runtime: str, *, model: nn.Module | None = None, onnx_path: Path | None = None, threads: int, input_names: Sequence[str] = ()
 ) -> Any:
-    """Runner for ``runtime`` ("torch", "onnxruntime" or "openvino")."""
+    """Runner for ``runtime``: one of ``RUNTIMES``."""
     if runtime == "torch":
         if model is None:
             raise UsageError("the torch runtime needs a model")
@@ -99,8 +112,9 @@ def make_runner(
         raise UsageError(f"the {runtime} runtime needs an ONNX file")
     if runtime == "onnxruntime":
         return OnnxRuntimeRunner(onnx_path, threads=threads, input_names=input_names)
-    if runtime == "openvino":
-        return OpenVinoRunner(onnx_path, threads=threads, input_names=input_names)
+    if runtime in ("openvino", "openvino-bf16"):
+        precision = "bf16" if runtime == "openvino-bf16" else "f32"
+        return OpenVinoRunner(onnx_path, threads=threads, input_names=input_names, precision=precision)
     raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
