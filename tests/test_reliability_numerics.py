@@ -51,11 +51,23 @@ def test_empty_calibration_is_a_usage_error(calib) -> None:  # type: ignore[no-u
 # ---------------------------------------------------------------- 18. fewer batches than asked
 
 
-def test_fewer_calibration_batches_than_requested_still_calibrates() -> None:
+def test_fewer_calibration_batches_than_requested_warns_and_records_what_was_used() -> None:
     ctx = Context(calib=random_batches((4, 16), n=2))
-    model = compress_(tiny_mlp(), Int8Config(mode="static", calibration_batches=32), context=ctx)
+    shortfall = r"int8 calibration used 2 of the 32 requested batches \(8 samples\)"
+    with pytest.warns(UserWarning, match=shortfall):
+        model = compress_(tiny_mlp(), Int8Config(mode="static", calibration_batches=32), context=ctx)
     assert ctx.summary[-1]["quantized"] == {"Linear": 2}
+    assert ctx.summary[-1]["calibration_used"] == {"batches": 2, "samples": 8, "requested_batches": 32}
     assert torch.isfinite(model(torch.randn(3, 16))).all()
+
+
+def test_calibration_used_is_recorded_and_only_a_shortfall_warns(recwarn) -> None:  # type: ignore[no-untyped-def]
+    ctx = Context(calib=random_batches((3, 16), n=5))
+    compress_(tiny_mlp(), Int8Config(mode="static", calibration_batches=4), context=ctx)  # more data
+    compress_(tiny_mlp(), Int8Config(mode="static"), context=ctx)  # no request: every batch, no warning
+    assert not [w for w in recwarn if "calibration used" in str(w.message)]
+    assert ctx.summary[0]["calibration_used"] == {"batches": 4, "samples": 12, "requested_batches": 4}
+    assert ctx.summary[1]["calibration_used"] == {"batches": 5, "samples": 15, "requested_batches": None}
 
 
 # ---------------------------------------------------------------- 21. zero-range layers

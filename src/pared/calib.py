@@ -63,6 +63,11 @@ def checked_batches(data: Iterable[Any], *, limit: int | None = None) -> list[tu
     return batches
 
 
+def sample_count(batches: Iterable[tuple[torch.Tensor, ...]]) -> int:
+    """Samples in ``batches``: the first dimension of each batch's first input (1 for a scalar)."""
+    return sum(int(b[0].shape[0]) if b[0].dim() else 1 for b in batches)
+
+
 def observe_layer_inputs(
     model: "torch.nn.Module",
     layers: Iterable[tuple[str, "torch.nn.Module"]],

@@ -12,6 +12,7 @@ that is the reference for accuracy, never what pared reports as int8 speed.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pared.apply import Context, register
-from pared.calib import checked_batches, observe_layer_inputs
+from pared.calib import checked_batches, observe_layer_inputs, sample_count
 from pared.config import BaseConfig, register_config
 from pared.errors import InputRefused, UsageError
 from pared.quant.batchnorm import fold_batchnorms
@@ -27,6 +28,8 @@ from pared.quant.bias_correction import mean_input_for, output_shift
 from pared.quant.observers import RangeRecord, auto_range, mse_range, outlier_ratio, record_range
 from pared.quant.primitives import choose_qparams, qrange, quantize
 from pared.select import rule_matches, select_modules
+
+DEFAULT_CALIBRATION_BATCHES = 32
 
 
 @register_config("int8")
@@ -42,7 +45,10 @@ class Int8Config(BaseConfig):
             ``percentile``, ``mse``, ``kl`` (see ``pared.quant.observers``) or ``auto``: per layer,
             the estimator whose range gives the lowest output MSE of that layer on the first
             calibration batches (the choice per layer is listed in the step summary).
-        calibration_batches: at most this many calibration batches are run.
+        calibration_batches: how many calibration batches to run. ``None``: every batch the data
+            has, up to ``DEFAULT_CALIBRATION_BATCHES``. A number is a request: when the data has
+            fewer batches, a warning says how many were used. The step summary records the
+            batches and samples used under ``calibration_used``.
         activation_symmetric: int8 symmetric activations instead of uint8 asymmetric.
         embeddings: also quantize ``nn.Embedding`` tables (per row, weight-only).
         include: layer-selection rules (see ``pared.select``); empty means every eligible layer.
@@ -63,7 +69,7 @@ class Int8Config(BaseConfig):
 
     mode: Literal["static", "dynamic", "weight"] = "static"
     calibration: Literal["minmax", "moving_average", "percentile", "mse", "kl", "auto"] = "minmax"
-    calibration_batches: int = 32
+    calibration_batches: int | None = None
     activation_symmetric: bool = False
     embeddings: bool = True
     include: tuple[str, ...] = ()
@@ -76,7 +82,7 @@ class Int8Config(BaseConfig):
     outlier_threshold: float = 64.0
 
     def validate(self) -> None:
-        if self.calibration_batches < 1:
+        if self.calibration_batches is not None and self.calibration_batches < 1:
             raise UsageError(f"int8.calibration_batches must be >= 1, got {self.calibration_batches}")
         if not self.outlier_threshold > 1.0:
             raise UsageError(f"int8.outlier_threshold must be > 1, got {self.outlier_threshold}")
@@ -233,6 +239,7 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
         "unobserved": unobserved,
         "folded_batchnorm": folded,
         "calibration": cfg.calibration,
+        **({"calibration_used": cal.used} if cal.used else {}),
         **({"calibration_choice": cal.choices} if cfg.calibration == "auto" else {}),
         **({"outlier_fallback": cal.outliers} if cfg.fallback_outliers else {}),
         **({"bias_corrected": sorted(cal.mean_inputs)} if cfg.bias_correction else {}),
@@ -253,6 +260,7 @@ class _Calibration:
     choices: dict[str, str] = dataclasses.field(default_factory=dict)
     outliers: dict[str, float] = dataclasses.field(default_factory=dict)
     mean_inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    used: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
 
 def _calibrate(
@@ -266,7 +274,13 @@ def _calibrate(
     ``corrected`` layers (bias correction)."""
     if ctx.calib is None:
         raise UsageError("static int8 needs calibration data (pass calib=..., or use mode='dynamic')")
-    batches = checked_batches(ctx.calib, limit=cfg.calibration_batches)
+    requested = cfg.calibration_batches
+    batches = checked_batches(ctx.calib, limit=requested or DEFAULT_CALIBRATION_BATCHES)
+    used = {"batches": len(batches), "samples": sample_count(batches), "requested_batches": requested}
+    if requested is not None and len(batches) < requested:
+        message = (f"int8 calibration used {len(batches)} of the {requested} requested batches "
+                   f"({used['samples']} samples): the calibration data has no more")
+        warnings.warn(message, UserWarning, stacklevel=2)
     keep = _AUTO_BATCHES if cfg.calibration == "auto" else 0
     records = {name: RangeRecord(name, keep_inputs=keep) for name, _ in observed}
     means = {name: mean_input_for(m) for name, m in corrected}
@@ -279,7 +293,7 @@ def _calibrate(
 
     layers = dict(observed) | dict(corrected)
     observe_layer_inputs(model, list(layers.items()), batches, observe)
-    cal = _Calibration(mean_inputs={n: acc.mean() for n, acc in means.items() if acc.count})
+    cal = _Calibration(mean_inputs={n: acc.mean() for n, acc in means.items() if acc.count}, used=used)
     signed = cfg.activation_symmetric
     for name, rec in records.items():
         if not rec.batches:
