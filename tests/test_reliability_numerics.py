@@ -128,14 +128,54 @@ class WithCustom(nn.Module):
         return self.bilinear(h, torch.sigmoid(h))
 
 
+class Gate(nn.Module):
+    """A custom layer that holds its own parameter."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.scale)
+
+
+class WithCustomAndNorm(WithCustom):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.norm = Gate(8), nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.gate(torch.relu(self.fc(x))))
+        return self.bilinear(h, torch.sigmoid(h))
+
+
 def test_unsupported_layers_stay_float_and_the_summary_counts_what_was_quantized() -> None:
     torch.manual_seed(0)
-    model = WithCustom().eval()
+    model = WithCustomAndNorm().eval()
     ctx = Context(calib=random_batches((4, 16)))
     q = compress_(model, Int8Config(mode="static"), context=ctx)
     assert type(q.bilinear) is nn.Bilinear and type(q.fc) is not nn.Linear
     assert ctx.summary[-1]["quantized"] == {"Linear": 1}
+    # custom modules holding parameters are named with their type; norm layers are not counted
+    assert ctx.summary[-1]["unsupported"] == {"bilinear": "Bilinear", "gate": "Gate"}
     assert torch.isfinite(q(torch.randn(2, 16))).all()
+
+
+def test_strict_refuses_unsupported_layers_naming_each_and_its_type() -> None:
+    model = WithCustomAndNorm().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputRefused, match=r"2 layer\(s\): 'bilinear' \(Bilinear\), 'gate' \(Gate\)") as info:
+        compress_(model, Int8Config(mode="static", strict=True), calib=random_batches((4, 16)))
+    assert info.value.exit_code == 3
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "model changed"
+    # Conv2d is supported in static mode only; a model int8 covers fully passes under strict
+    from pared.testing.models import tiny_cnn
+
+    with pytest.raises(InputRefused, match=r"int8 dynamic cannot quantize .*\(Conv2d\)"):
+        compress_(tiny_cnn().eval(), Int8Config(mode="dynamic", strict=True))
+    ctx = Context()
+    compress_(tiny_mlp(), Int8Config(mode="dynamic", strict=True), context=ctx)
+    assert ctx.summary[-1]["unsupported"] == {}
 
 
 def test_selecting_an_unsupported_layer_is_an_error_naming_it() -> None:

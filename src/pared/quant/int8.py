@@ -65,6 +65,9 @@ class Int8Config(BaseConfig):
             (``outlier_ratio`` above ``outlier_threshold``), listed by name in the step summary.
         outlier_threshold: ``max|x|`` over the 99.9th percentile of ``|x|`` above which a layer's
             input counts as outlier-dominated.
+        strict: refuse (``InputRefused``, exit 3) a model with parameter-holding layers this mode
+            cannot quantize, instead of keeping them in float and listing them under
+            ``unsupported`` in the step summary.
     """
 
     mode: Literal["static", "dynamic", "weight"] = "static"
@@ -80,6 +83,7 @@ class Int8Config(BaseConfig):
     bias_correction: bool = False
     fallback_outliers: bool = False
     outlier_threshold: float = 64.0
+    strict: bool = False
 
     def validate(self) -> None:
         if self.calibration_batches is not None and self.calibration_batches < 1:
@@ -190,16 +194,46 @@ class _DynamicInt8MatMul(torch.autograd.Function):
         return g.op("Mul", y, g.op("Mul", x_scale, w_scale))
 
 
+def _matmul_kinds(cfg: Int8Config) -> tuple[type[nn.Module], ...]:
+    return (nn.Linear, nn.Conv2d) if cfg.mode == "static" else (nn.Linear,)
+
+
 def _is_candidate(cfg: Int8Config):
-    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d) if cfg.mode == "static" else (nn.Linear,)
+    kinds = _matmul_kinds(cfg)
     if cfg.embeddings:
         kinds = (*kinds, nn.Embedding)
     return lambda name, m: type(m) in kinds
 
 
+# Normalisation layers stay float in every int8 scheme (runtimes fold or run them in float).
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _unsupported(model: nn.Module, cfg: Int8Config) -> dict[str, str]:
+    """``{name: type}`` of layers that hold parameters but that this mode cannot quantize (custom
+    modules, ``nn.Bilinear``, ``nn.MultiheadAttention``, Linear subclasses, Conv2d outside static
+    mode); normalisation layers are not counted. With ``include`` rules, only layers they match."""
+    found = {}
+    for name, m in model.named_modules():
+        if type(m) in (*_matmul_kinds(cfg), nn.Embedding) or isinstance(m, _NORMS):
+            continue
+        if next(m.parameters(recurse=False), None) is None:
+            continue
+        if cfg.include and not any(rule_matches(r, name, m) for r in cfg.include):
+            continue
+        found[name or "<model>"] = type(m).__name__
+    return found
+
+
 @register(Int8Config)
 def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
     model.eval()
+    unsupported = _unsupported(model, cfg)
+    if unsupported and cfg.strict:
+        listed = ", ".join(f"{n!r} ({t})" for n, t in list(unsupported.items())[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        raise InputRefused(f"int8 {cfg.mode} cannot quantize {len(unsupported)} layer(s): {listed}{more} "
+                           "(strict is set; without it they stay float and are listed in the summary)")
     folded = fold_batchnorms(model) if cfg.mode == "static" else []
     chosen = select_modules(model, candidate=_is_candidate(cfg), include=cfg.include, exclude=cfg.exclude)
     if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for _, m in chosen):
@@ -236,6 +270,7 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
         "mode": cfg.mode,
         "quantized": counts,
         "kept_float": left,
+        "unsupported": unsupported,
         "unobserved": unobserved,
         "folded_batchnorm": folded,
         "calibration": cfg.calibration,
