@@ -174,11 +174,13 @@ def run_resnet(rounds: int, scratch: Path) -> None:
             model = pared.compress_(copy.deepcopy(model), load_recipe("int8-static"), calib=calib)
         path = scratch / f"{name}.onnx"
         export_onnx(model, (x1,), path, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
-        run = make_runner("openvino", onnx_path=path, threads=THREADS, input_names=["x"])
-        return Method(name, run, runtime="openvino", size_bytes=path.stat().st_size, size_what="ONNX file")
+        runtime = "openvino-bf16" if name.endswith("-bf16") else "openvino"
+        run = make_runner(runtime, onnx_path=path, threads=THREADS, input_names=["x"])
+        return Method(name, run, runtime=runtime, size_bytes=path.stat().st_size, size_what="ONNX file")
 
     for name, model, q, r in (("pared-prune50-fp32-openvino", pruned, False, removed),
                               ("pared-prune50-int8-openvino", pruned, True, removed),
+                              ("pared-prune50-int8-openvino-bf16", pruned, True, removed),
                               ("pared-int8-openvino", fp32, True, 0.0)):
         m = attempt(name, lambda model=model, q=q, name=name: onnx_method(name, model, quantize=q), part)
         if m is None:
@@ -297,6 +299,18 @@ def run_minilm(rounds: int, scratch: Path, *, steps: int, lr: float, n_eval: int
                               size_bytes=f["bytes"], size_what="safetensors (fp32)"))
         extra[mname] = {"facts": f, "metrics": rounded(metrics.get(mname, {}))}
         rvts[mname] = f
+    # The same two models in OpenVINO: the "same runtime" ratio without eager's per-op overhead.
+    names, axes = task.input_names(), task.dynamic_axes()
+    for mname, model in ((f"{BASELINE}-as-openvino", fp32), ("pared-pruned-recovered-openvino", pruned)):
+        def build_ov(model: nn.Module = model, mname: str = mname) -> Method:
+            path = scratch / f"{mname}.onnx"
+            export_onnx(model, x8, path, input_names=names, dynamic_axes=axes)
+            run = make_runner("openvino", onnx_path=path, threads=THREADS, input_names=names)
+            return Method(mname, run, runtime="openvino", size_bytes=path.stat().st_size, size_what="ONNX file (fp32)")
+
+        m = attempt(mname, build_ov, part)
+        if m is not None:
+            methods.append(m)
     emit({"bench": "prune", "part": part, "metrics": rounded(metrics), "prune_s": round(prune_s, 1),
           "recover_s": round(recover_s, 1), "recover_steps": result["steps"], "recover_lr": lr,
           "train_sentences": len(train_sentences), "eval_sentences": task.n_eval,
@@ -304,6 +318,11 @@ def run_minilm(rounds: int, scratch: Path, *, steps: int, lr: float, n_eval: int
           "kept": [e for step in ctx.summary for e in step["layers"]]})
     for batch, inputs in ((8, x8), (1, task.example_inputs(1))):
         ratios = time_methods(part, methods, inputs, batch=batch, rounds=rounds, extra=extra)
+        ov_base, ov_pruned = ratios.get(f"{BASELINE}-as-openvino"), ratios.get("pared-pruned-recovered-openvino")
+        if ov_base and ov_pruned:
+            emit({"bench": "prune", "part": part, "batch": batch, "runtime": "openvino",
+                  "pruned_vs_unpruned_same_runtime": round(ov_pruned / ov_base, 4),
+                  "eager_pruned_vs_unpruned": round(ratios[name], 4)})
         for mname, f in rvts.items():
             if mname == BASELINE:
                 continue
