@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 
-from pared.errors import EnvironmentIOError, UsageError
+from pared.errors import EnvironmentIOError, InputRefused, UsageError
 from pared.quant import Int8Config
 from pared.recipe import load_recipe
 from pared.search import SearchSpec, register_space, registered_spaces, search
@@ -288,3 +288,152 @@ def test_a_dead_workers_trial_is_failed_after_the_grace_period_and_retried(tmp_p
     retry = [t for t in trials if t.system_attrs.get("retry_history") == [dead.number]]
     assert len(retry) == 1 and retry[0].state.is_finished()
     assert sum(t.number not in superseded(trials) for t in trials) == 3
+
+
+# ---------------------------------------------------------------------------- the study store
+
+
+def _set_store_schema(db: Path, revision: str, optuna_version: str) -> None:
+    """Make ``db`` look as if another Optuna version had set up its tables."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+        con.execute("UPDATE version_info SET library_version = ?", (optuna_version,))
+
+
+@pytest.mark.parametrize("revision, made_by, fix", [
+    ("v99.0.0.a", "99.0.0", "it is newer: install optuna 99.0.0 or later"),
+    ("v3.0.0.d", "3.0.0", "it is older: back it up, then migrate it with `optuna storage upgrade --storage sqlite:///"),
+])
+def test_store_from_another_optuna_version_is_refused_naming_both(tmp_path, revision, made_by, fix):
+    search(spec(tmp_path, trials=1), evaluator=SyntheticEvaluator())
+    _set_store_schema(tmp_path / "s" / "study.db", revision, made_by)
+    evaluator = SyntheticEvaluator()
+    with pytest.raises(UsageError) as info:
+        search(spec(tmp_path, trials=2), evaluator=evaluator, resume=True)
+    message = str(info.value)
+    assert f"set up by optuna {made_by}, this pared runs optuna {optuna.__version__}" in message
+    assert fix in message and info.value.exit_code == 2 and evaluator.calls == 0
+
+
+def test_study_from_another_pared_major_version_is_refused_naming_both(tmp_path):
+    from pared import __version__
+    from pared.search.study import VERSION_ATTR
+
+    search(spec(tmp_path, trials=1), evaluator=SyntheticEvaluator())
+    s = spec(tmp_path, trials=2)
+    study = optuna.load_study(study_name=s.study_name, storage=s.storage_url())
+    assert study.user_attrs[VERSION_ATTR] == __version__
+    study.set_user_attr(VERSION_ATTR, "7.0.0")
+    with pytest.raises(UsageError, match=rf"made by pared 7\.0\.0, this is pared {__version__} \(another major"):
+        search(s, evaluator=SyntheticEvaluator(), resume=True)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "header only"])
+def test_corrupt_sqlite_store_is_refused_naming_the_file(tmp_path, damage, monkeypatch, capsys):
+    from pared import cli
+
+    search(spec(tmp_path, trials=2), evaluator=SyntheticEvaluator())
+    db = tmp_path / "s" / "study.db"
+    data = db.read_bytes()
+    db.write_bytes({"garbage": os.urandom(len(data)), "truncated": data[: len(data) // 2],
+                    "header only": data[:100]}[damage])
+    evaluator = SyntheticEvaluator()
+    with pytest.raises(InputRefused, match=f"study store {db} is corrupt or not an SQLite database"):
+        search(spec(tmp_path, trials=3), evaluator=evaluator, resume=True)
+    assert evaluator.calls == 0
+    # through the CLI: one line, exit 3, no traceback (no model is loaded before the check)
+    argv = ["pared", "search", "--model", "digits", "--out", str(tmp_path / "s"), "--resume"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(cli.warnings, "formatwarning", cli.warnings.formatwarning)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 3 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: study store {db} is corrupt")
+
+
+_SLOW_SHUTDOWN = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from search_synthetic import SyntheticEvaluator
+import pared.search.study as study
+
+class Marked(SyntheticEvaluator):
+    def run(self, recipe, out_dir, on_metrics):
+        print("in trial", file=sys.stderr, flush=True)
+        return super().run(recipe, out_dir, on_metrics)
+
+real_retry = study.retry_trial
+def slow_retry(*args, **kwargs):  # the first Ctrl-C's shutdown, made slow enough to interrupt
+    print("shutting down", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return real_retry(*args, **kwargs)
+
+study.retry_trial = slow_retry
+study.CompressEvaluator = lambda spec: Marked(sleep=60)
+from pared import cli
+sys.argv = ["pared", "search", "--model", "digits", "--out", {out!r}, "--trials", "3",
+            "--constraint", "metric_drop <= 2"]
+cli.main()
+"""
+
+
+def test_second_ctrl_c_during_the_shutdown_exits_at_once_leaving_a_store_that_resumes(tmp_path):
+    import queue
+    import threading
+
+    out = tmp_path / "s"
+    code = _SLOW_SHUTDOWN.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    seen: list[str] = []
+
+    def wait_for(marker: str) -> None:
+        while not seen or marker not in seen[-1]:
+            try:
+                seen.append(lines.get(timeout=60))
+            except queue.Empty:
+                proc.kill()
+                pytest.fail(f"no {marker!r} from the search: {''.join(seen)[-2000:]}")
+
+    try:
+        wait_for("in trial")
+        proc.send_signal(signal.SIGINT)
+        wait_for("shutting down")
+        second = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert time.monotonic() - second < 10  # not the 60 s the shutdown would have taken
+    finally:
+        proc.kill()
+    time.sleep(0.2)
+    err = "".join(seen) + "".join(lines.get() for _ in range(lines.qsize()))
+    assert "Traceback" not in err and "--resume" in err
+    # the store loads; the interrupted trial (RUNNING, no retry yet) is failed and retried on resume
+    search(spec(tmp_path, trials=3), evaluator=SyntheticEvaluator(), resume=True)
+    study = load_study(spec(tmp_path), open_storage(spec(tmp_path), fresh=False, overwrite=False))
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == optuna.trial.TrialState.FAIL and 0 in superseded(trials)
+    assert sum(t.state.is_finished() and t.number not in superseded(trials) for t in trials) == 3
+
+
+def test_resume_reads_no_trial_artefact_and_clears_a_half_written_one(tmp_path):
+    """Case 33: a search keeps no checkpoint to fall back to. Trial state lives in the store; a
+    trial's artefact folder is written atomically and never read back by --resume."""
+    from pared.atomic import TMP_PREFIX
+
+    search(spec(tmp_path, trials=2), evaluator=SyntheticEvaluator())
+    points = tmp_path / "s" / "points"
+    half = points / f"{TMP_PREFIX}999999999-x"  # what a trial killed mid-write leaves (writer gone)
+    half.mkdir()
+    (half / "report.json").write_text('{"trunc')
+    reports = list(points.glob("trial*/report.json"))
+    assert reports
+    for report in reports:
+        report.write_bytes(report.read_bytes()[:5])  # every finished point damaged
+    doc = search(spec(tmp_path, trials=4), evaluator=SyntheticEvaluator(), resume=True)
+    assert len(doc["trials"]) == 4 and all(t["state"] == "COMPLETE" for t in doc["trials"])
+    assert not half.exists()

@@ -7,7 +7,9 @@ PostgreSQL for many workers), so a search survives being killed:
 - ``--resume`` (the previous run is dead) marks its RUNNING trials FAIL and enqueues their params
   again; live workers sharing a study find dead workers' trials by heartbeat instead;
 - a trial that raises, runs out of memory (``MemoryError``) or yields a NaN objective is FAIL with
-  the reason recorded, and the study goes on.
+  the reason recorded, and the study goes on;
+- a store from another Optuna schema or another pared major version is refused naming both
+  (exit 2), and a damaged SQLite file is refused naming it (exit 3), before any trial runs.
 
 Determinism: see ``pared.search.sampler``: a resumed search proposes the same params as an
 uninterrupted one with the same seed.
@@ -15,12 +17,15 @@ uninterrupted one with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -30,8 +35,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pared import __version__
 from pared.config import config_to_dict
-from pared.errors import EnvironmentIOError, UsageError
+from pared.errors import EnvironmentIOError, InputRefused, UsageError
 from pared.search import output
 from pared.search.evaluate import CompressEvaluator, Evaluator
 from pared.search.objectives import (
@@ -50,6 +56,7 @@ GRACE_S = 30  # a RUNNING trial without a heartbeat for this long belonged to a 
 MAX_RETRY = 3  # a trial killed this many times (an OOM kill, say) is left FAIL
 SAMPLERS = ("tpe", "nsga2", "random")
 SPEC_ATTR, BASELINE_ATTR, INFO_ATTR = "pared_spec", "pared_baseline", "pared_info"
+VERSION_ATTR = "pared_version"  # the pared that created the study; resuming across majors is refused
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -171,7 +178,7 @@ def run_trial(study: optuna.Study, worker: _Worker) -> None:
 
     ``study.optimize`` runs its heartbeat in a non-daemon thread; a Ctrl-C landing while that
     thread starts leaves it beating forever and the process never exits. Here the beat thread
-    is a daemon, and a Ctrl-C marks the trial FAIL, enqueues it again and propagates.
+    is a daemon, and a Ctrl-C enqueues the trial again, marks it FAIL and propagates.
     """
     with _quiet():
         optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, then retried
@@ -187,9 +194,12 @@ def run_trial(study: optuna.Study, worker: _Worker) -> None:
             trial.set_user_attr("error", _one_line(exc))
         study.tell(trial, state=TrialState.FAIL)
     except KeyboardInterrupt:
+        # Each step is one store transaction, and a second Ctrl-C may stop the shutdown between
+        # any two: retry first, so the store then holds a RUNNING trial whose retry exists
+        # (--resume fails it without enqueuing it twice), never a FAIL without a retry.
         trial.set_user_attr("error", "interrupted (Ctrl-C)")
-        study.tell(trial, state=TrialState.FAIL)
         retry_trial(study, study._storage.get_trial(trial._trial_id))
+        study.tell(trial, state=TrialState.FAIL)
         output.write_outputs(study, worker.out)
         raise
     else:
@@ -224,6 +234,8 @@ def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.st
     if spec.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     url = spec.storage_url()
+    if url.startswith("sqlite"):
+        _check_sqlite_file(url)
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if url.startswith("postgresql"):
         kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
@@ -234,6 +246,42 @@ def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.st
         except KeyError:
             pass
     return storage
+
+
+def _check_sqlite_file(url: str) -> None:
+    """Refuse an SQLite study store that is not a database or is damaged (garbage bytes, a
+    truncated copy), naming the file; a missing or empty file is a new store.
+
+    Raises:
+        InputRefused: SQLite's ``quick_check`` fails or reports damage.
+    """
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:" or not Path(database).is_file() or Path(database).stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        reason = " ".join(" ".join(problems[:3]).split())[:300]
+        raise InputRefused(f"study store {database} is corrupt or not an SQLite database ({reason}); "
+                           "move it away and start a new search, or restore it from a backup")
+
+
+def _schema_error(url: str, exc: RuntimeError) -> UsageError:
+    """Optuna's refusal of a store whose table schema another Optuna version set up, naming both."""
+    found = re.search(r"set up by optuna ([^)\s]+)", str(exc))
+    stored = found.group(1) if found else "an unknown version"
+    if "optuna storage upgrade" in str(exc):
+        fix = (f"it is older: back it up, then migrate it with "
+               f"`optuna storage upgrade --storage {_redact(url)}`")
+    else:
+        fix = f"it is newer: install optuna {stored} or later, or start a new search"
+    return UsageError(f"the study store {_redact(url)} was set up by optuna {stored}, "
+                      f"this pared runs optuna {optuna.__version__}: {fix}")
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
@@ -251,6 +299,10 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDB
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
+        except RuntimeError as exc:
+            if "table schema" not in str(exc):
+                raise EnvironmentIOError(f"cannot open the study storage {_redact(url)}: {exc}") from None
+            raise _schema_error(url, exc) from None
         except Exception as exc:  # noqa: BLE001 - drivers raise many types; the user needs one line
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EnvironmentIOError(f"cannot open the study storage {_redact(url)}: {reason}") from None
@@ -283,6 +335,7 @@ def _load_or_create(spec: SearchSpec, storage: optuna.storages.RDBStorage, evalu
                                     directions=[o.direction for o in objectives])
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it first
         return load_study(spec, storage)
+    study.set_user_attr(VERSION_ATTR, __version__)
     study.set_user_attr(SPEC_ATTR, spec.identity())
     study.set_user_attr(BASELINE_ATTR, {"primary": evaluator.primary_metric, "metrics": baseline})
     study.set_user_attr(INFO_ATTR, dataclasses.asdict(info))
@@ -321,6 +374,11 @@ def load_study(spec: SearchSpec, storage: optuna.storages.BaseStorage | str) -> 
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
         raise UsageError(f"study {spec.study_name!r} was not made by pared search")
+    made_by = study.user_attrs.get(VERSION_ATTR)  # absent in studies from before it was recorded
+    if made_by is not None and _major(str(made_by)) != _major(__version__):
+        raise UsageError(f"study {spec.study_name!r} in {_redact(spec.storage_url())} was made by pared {made_by}, "
+                         f"this is pared {__version__} (another major version): resume it with pared {made_by}, "
+                         "or start a new search (a new --out, or --overwrite)")
     changed = {k: (stored.get(k), v) for k, v in spec.identity().items() if stored.get(k) != v}
     if changed:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -418,6 +476,13 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     hint = " (try a smaller --batch)" if isinstance(exc, MemoryError) else ""
     return f"{type(exc).__name__}: {text[0] if text else ''}{hint}"[:500]
+
+
+def _major(version: str) -> str:
+    """The part of a version that must match to resume: ``1.4.2`` -> ``1``; ``0.3.1`` -> ``0.3``
+    (before 1.0 a minor release may break compatibility)."""
+    parts = version.split(".")
+    return ".".join(parts[:2]) if parts[0] == "0" else parts[0]
 
 
 def _redact(url: str) -> str:
