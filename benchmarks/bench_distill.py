@@ -87,12 +87,12 @@ def state_bytes(model: nn.Module, path: Path) -> int:
 # ----------------------------------------------------------------------------------- MiniLM
 
 
-def distill_recipe(steps: int, lr: float, batch_size: int) -> list[Any]:
+def distill_recipe(steps: int, lr: float, batch_size: int, hidden: float = 1.0, attention: float = 1.0) -> list[Any]:
     """drop_layers (every 2nd) then distill: embeddings + hidden states + attention maps."""
     return [
         DropLayersConfig(every=2),
         DistillConfig(steps=steps, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="cosine",
-                      hidden=1.0, attention=1.0, train_mode=False, freeze=("*word_embeddings",)),
+                      hidden=hidden, attention=attention, train_mode=False, freeze=("*word_embeddings",)),
     ]
 
 
@@ -104,7 +104,7 @@ def run_minilm(args: argparse.Namespace, scratch: Path) -> None:
     torch.set_num_threads(THREADS)
     task = MiniLMTask(n_eval=args.n_eval)
     teacher = task.model()
-    recipe = distill_recipe(args.steps, args.lr, args.batch_size)
+    recipe = distill_recipe(args.steps, args.lr, args.batch_size, args.hidden, args.attention)
     log(f"distilling: {[pared.config_to_dict(c) for c in recipe]}")
     # Training runs on --train-threads threads (default 1): on a shared machine a second OpenMP
     # thread mostly spin-waits for a core, which inflates CPU time without speeding anything up.
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000, help="MiniLM distillation steps")
     parser.add_argument("--batch-size", type=int, default=16, help="MiniLM sentences per step")
     parser.add_argument("--lr", type=float, default=3e-4, help="MiniLM peak learning rate (AdamW, cosine)")
+    parser.add_argument("--hidden", type=float, default=1.0, help="MiniLM hidden-state loss weight")
+    parser.add_argument("--attention", type=float, default=1.0, help="MiniLM attention-map loss weight")
     parser.add_argument("--train-threads", type=int, default=1, help="threads while distilling")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)")
