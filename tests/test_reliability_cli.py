@@ -259,3 +259,93 @@ def test_non_strict_loads_what_fits_lists_the_rest_and_is_recorded(files: Path, 
     assert torch.equal(rebuilt[0].weight, tiny_mlp().state_dict()["0.weight"])
     with pytest.raises(InputRefused, match="do not fit"):
         _rebuild_source({**source, "non_strict": False})
+
+
+# ---------------------------------------------------------------- case 24: --strict
+
+GATED = '''
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    """A custom layer holding its own parameter: no step of pared knows it."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.scale)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(16, 32), Gate(32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.gate(self.fc1(x))))
+
+
+def build():
+    torch.manual_seed(0)
+    return Gated()
+'''
+
+
+@pytest.fixture
+def gated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with the ``gated:build`` factory and a recipe that skips unsupported groups."""
+    root = tmp_path / "gated"
+    root.mkdir()
+    (root / "gated.py").write_text(GATED)
+    (root / "prune.yaml").write_text("steps:\n  - technique: prune_channels\n    ratio: 0.25\n"
+                                     "    on_unsupported: skip\n")
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def _compress(model: str, recipe: str, out: Path, *extra: str) -> list[str]:
+    return ["compress", "--model", model, "--input-shape", "2,16", "--recipe", recipe, "--runtime", "torch",
+            "--rounds", "1", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_strict_makes_int8_refuse_the_custom_layer_it_would_keep_float(gated: Path, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    kept = _cli(_compress("gated:build", "int8-dynamic", tmp_path / "kept"), monkeypatch, capsys)
+    assert kept.code == 0, kept.err
+    report = json.loads((tmp_path / "kept" / "report.json").read_text())
+    assert report["strict"] is False and report["steps"][0]["unsupported"] == {"gate": "Gate"}
+    refused = _cli(_compress("gated:build", "int8-dynamic", tmp_path / "refused", "--strict"), monkeypatch, capsys)
+    line = _one_error_line(refused)
+    assert refused.code == InputRefused.exit_code == 3
+    assert "cannot quantize 1 layer(s): 'gate' (Gate)" in line
+    assert not (tmp_path / "refused").exists()
+
+
+def test_strict_overrides_a_recipe_that_skips_unsupported_groups_and_is_recorded(gated: Path, tmp_path: Path,
+                                                                                  monkeypatch, capsys) -> None:
+    recipe = str(gated / "prune.yaml")  # on_unsupported: skip
+    refused = _cli(_compress("gated:build", recipe, tmp_path / "refused", "--strict"), monkeypatch, capsys)
+    line = _one_error_line(refused)
+    assert refused.code == UsageError.exit_code  # prune_channels' refusal is exit 2, with or without --strict
+    assert "cannot prune the group of 'fc1'" in line and "module 'gate'" in line
+    assert not (tmp_path / "refused").exists()
+    # a model every step handles passes under --strict; report.json records it and the strict steps
+    ok = _cli(_compress(FACTORY, "int8-dynamic", tmp_path / "ok", "--strict"), monkeypatch, capsys)
+    assert ok.code == 0, ok.err
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert report["strict"] is True and report["recipe"]["steps"][0]["strict"] is True
+    assert report["steps"][0]["unsupported"] == {}
+
+
+def test_strict_recipe_sets_every_field_that_keeps_unsupported_layers() -> None:
+    from pared.prune import ChannelPruneConfig
+    from pared.quant import Int8Config
+    from pared.recipe import strict_recipe
+
+    lenient = [Int8Config(mode="dynamic"), ChannelPruneConfig(ratio=0.3, on_unsupported="skip")]
+    strict = strict_recipe(lenient)
+    assert strict == [Int8Config(mode="dynamic", strict=True), ChannelPruneConfig(ratio=0.3, on_unsupported="error")]
+    assert lenient[0].strict is False and lenient[1].on_unsupported == "skip"  # the loaded recipe is not changed

@@ -46,6 +46,7 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files (runs code from the file: only for files you trust)."),
     non_strict: bool = typer.Option(False, "--non-strict", help="Load only the --weights that fit the factory's model and list the rest (default: refuse, exit 3)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a model with layers a step cannot handle instead of keeping them (int8 strict: exit 3; prune_channels on_unsupported=error: exit 2); recorded in report.json."),
 ) -> None:
     """Compress a model with a recipe; write the artefacts, report.md and report.json into OUT."""
     from pared.pipeline import compress_task
@@ -59,6 +60,7 @@ def compress(
     report = compress_task(
         task, configs, out, recipe_name=Path(recipe).stem, runtime=runtime, threads=threads, batch=batch,
         latency_rounds=rounds, overwrite=overwrite, max_drop=max_drop, allow_regression=allow_regression, source=source,
+        strict=strict,
     )
     typer.echo((out / "report.md").read_text(encoding="utf-8"))
     typer.echo(f"wrote {out}: " + ", ".join(f"{a['path']} ({a['bytes'] / 1e6:.2f} MB)" for a in report["artefacts"]))

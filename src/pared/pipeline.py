@@ -63,6 +63,7 @@ def compress_task(
     allow_regression: bool = False,
     source: dict[str, Any] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Compress ``task``'s model with ``recipe``; write artefacts and reports into ``out_dir``.
 
@@ -82,6 +83,8 @@ def compress_task(
         source: how to rebuild the float model later, recorded in the artefact.
         on_metrics: called with ``{"baseline": ..., "compressed": ...}`` task metrics before the
             timing starts; it may raise to stop a hopeless job early (the search prunes trials so).
+        strict: every step that would keep layers it cannot handle refuses the model instead
+            (``pared.recipe.strict_recipe``); recorded as ``strict`` in the report.
 
     Returns:
         The report (also written as ``report.json`` and ``report.md``).
@@ -89,8 +92,13 @@ def compress_task(
     Raises:
         UsageError: bad arguments, or ``out_dir`` exists without ``overwrite``.
         QualityGateFailed: the metric dropped more than ``max_drop``.
+        InputRefused: with ``strict``, a step met a layer it cannot handle (int8).
     """
     out_dir = Path(out_dir)
+    if strict:
+        from pared.recipe import strict_recipe
+
+        recipe = strict_recipe(recipe)
     if runtime not in (*RUNTIMES, "auto"):
         raise UsageError(f"unknown runtime {runtime!r}; choose auto or one of {', '.join(RUNTIMES)}")
     if threads < 1 or batch < 1 or latency_rounds < 1:
@@ -129,6 +137,7 @@ def compress_task(
         report = _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, samples, metrics,
                          tmp, onnx_paths, runtime=runners["compressed"].runtime, threads=threads, batch=batch)
         report["steps"] = ctx.summary
+        report["strict"] = strict
         _quality_gate(task, report, max_drop, allow_regression)
         atomic_write_text(tmp / "report.json", _json(report))
         atomic_write_text(tmp / "report.md", render_markdown(report))

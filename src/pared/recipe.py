@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,9 @@ from pared.config import BaseConfig, config_from_dict
 from pared.errors import UsageError
 
 _MAX_RECIPE_BYTES = 1 << 20
+# Fields by which a step may keep layers it cannot handle, and the value that refuses them instead:
+# int8 keeps them float unless ``strict``; channel pruning skips their groups with ``on_unsupported``.
+STRICT_FIELDS: dict[str, object] = {"strict": True, "on_unsupported": "error"}
 
 
 def builtin_recipes() -> list[str]:
@@ -49,6 +53,16 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> list[BaseConfig]:
         except UsageError as exc:
             raise UsageError(f"recipe {origin}, step {i + 1}: {exc}") from None
     return configs
+
+
+def strict_recipe(configs: list[BaseConfig]) -> list[BaseConfig]:
+    """The same steps, each set to refuse layers it cannot handle instead of keeping them
+    (``pared compress --strict``): every field of ``STRICT_FIELDS`` a step has is set."""
+    out = []
+    for config in configs:
+        names = {f.name for f in dataclasses.fields(config)}
+        out.append(dataclasses.replace(config, **{k: v for k, v in STRICT_FIELDS.items() if k in names}))
+    return out
 
 
 def _recipe_text(spec: str) -> tuple[str, str]:
