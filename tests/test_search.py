@@ -437,3 +437,99 @@ def test_resume_reads_no_trial_artefact_and_clears_a_half_written_one(tmp_path):
     doc = search(spec(tmp_path, trials=4), evaluator=SyntheticEvaluator(), resume=True)
     assert len(doc["trials"]) == 4 and all(t["state"] == "COMPLETE" for t in doc["trials"])
     assert not half.exists()
+
+
+# ---------------------------------------------------------------------------- store: full disk, contention
+
+
+def _cap_sqlite_growth(monkeypatch, db: Path) -> None:
+    """New SQLite connections may not grow ``db`` past its current size: the next write that
+    needs a page fails with SQLite's own SQLITE_FULL ("database or disk is full"), as on a full
+    disk, and SQLite rolls that transaction back."""
+    import contextlib
+    import sqlite3
+    import sqlite3.dbapi2  # what SQLAlchemy connects through
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+    real = sqlite3.dbapi2.connect
+
+    def capped(*args, **kwargs):
+        con = real(*args, **kwargs)
+        con.execute(f"PRAGMA max_page_count = {pages}")
+        return con
+
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", capped)
+
+
+def test_full_disk_under_the_store_is_one_line_exit_5_and_the_store_resumes(tmp_path, monkeypatch, capsys):
+    """Case 34 for the search store."""
+    import pared.search.study as study_module
+    from pared import cli
+
+    search(spec(tmp_path, trials=2), evaluator=SyntheticEvaluator())
+    db = tmp_path / "s" / "study.db"
+    with monkeypatch.context() as full:
+        _cap_sqlite_growth(full, db)
+        full.setattr(study_module, "CompressEvaluator", lambda _spec: SyntheticEvaluator())
+        full.setattr(sys, "argv", ["pared", "search", "--model", "digits", "--out", str(tmp_path / "s"),
+                                   "--constraint", "metric_drop <= 2", "--trials", "60", "--resume"])
+        full.setattr(cli.warnings, "formatwarning", cli.warnings.formatwarning)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 5, err
+    assert "Traceback" not in err and "Exception in thread" not in err
+    errors = [line for line in err.splitlines() if line.startswith(("error", "internal error"))]
+    assert errors == [err.strip().splitlines()[-1]]
+    assert errors[0].startswith(f"error: no space left writing {db} ")
+    # the store loads; a resume fails the trial the full disk interrupted, retries it, and finishes
+    s = spec(tmp_path)
+    stopped = len(load_study(s, open_storage(s, fresh=False, overwrite=False)).get_trials(deepcopy=False))
+    assert 2 < stopped < 60
+    doc = search(spec(tmp_path, trials=stopped + 2), evaluator=SyntheticEvaluator(), resume=True)
+    trials = load_study(s, open_storage(s, fresh=False, overwrite=False)).get_trials(deepcopy=False)
+    assert all(t.state.is_finished() for t in trials)
+    assert sum(t.number not in superseded(trials) for t in trials) == stopped + 2
+    assert len(doc["trials"]) >= stopped + 2
+
+
+def test_eight_workers_on_one_sqlite_study_lose_no_trial_and_run_none_twice(tmp_path):
+    """Case 37, contention: 8 threads, each with its own storage and SQLite connections (SQLite
+    locks the file for them as for processes), wait on each other's locks
+    (``SQLITE_BUSY_TIMEOUT_S``); with no wait, they fail with "database is locked"."""
+    import threading
+
+    from pared.search.output import trial_name
+    from pared.search.study import prepare, run_worker
+
+    s = spec(tmp_path, trials=10, sampler="random")
+    prepare(s, evaluator=SyntheticEvaluator())
+    ran: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    class Recording(SyntheticEvaluator):
+        def run(self, recipe, out_dir, on_metrics):
+            with lock:
+                ran.append(out_dir.name)
+            return super().run(recipe, out_dir, on_metrics)
+
+    def worker() -> None:
+        try:
+            run_worker(s, load_study(s, open_storage(s, fresh=False, overwrite=False)), Recording())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not errors, errors
+    trials = load_study(s, open_storage(s, fresh=False, overwrite=False)).get_trials(deepcopy=False)
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]  # none lost mid-way
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert len(ran) == len(set(ran))  # no trial ran twice ...
+    assert set(ran) == {trial_name(t.number) for t in trials if "recipe" in t.user_attrs}  # ... or not at all
+    assert 10 <= len(trials) <= 10 + 7  # each extra worker may start one last trial

@@ -9,7 +9,11 @@ PostgreSQL for many workers), so a search survives being killed:
 - a trial that raises, runs out of memory (``MemoryError``) or yields a NaN objective is FAIL with
   the reason recorded, and the study goes on;
 - a store from another Optuna schema or another pared major version is refused naming both
-  (exit 2), and a damaged SQLite file is refused naming it (exit 3), before any trial runs.
+  (exit 2), and a damaged SQLite file is refused naming it (exit 3), before any trial runs;
+- a full disk under the store ends the search with one line, ``no space left writing <store>``
+  (exit 5); the failed write is rolled back, so the store loads and ``--resume`` goes on;
+- SQLite connections wait ``SQLITE_BUSY_TIMEOUT_S`` for a lock other workers hold (a few local
+  workers; many workers belong on PostgreSQL).
 
 Determinism: see ``pared.search.sampler``: a resumed search proposes the same params as an
 uninterrupted one with the same seed.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import math
 import os
@@ -29,6 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,11 @@ MAX_RETRY = 3  # a trial killed this many times (an OOM kill, say) is left FAIL
 SAMPLERS = ("tpe", "nsga2", "random")
 SPEC_ATTR, BASELINE_ATTR, INFO_ATTR = "pared_spec", "pared_baseline", "pared_info"
 VERSION_ATTR = "pared_version"  # the pared that created the study; resuming across majors is refused
+# How long an SQLite connection waits for a lock that another worker holds before it fails with
+# "database is locked". Every store write is one short transaction, so a few local workers queue
+# well inside it; with no wait, 8 workers on one study fail (tests/test_search.py). Many workers:
+# PostgreSQL (docs/search.md).
+SQLITE_BUSY_TIMEOUT_S = 60
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -130,7 +141,8 @@ def search(spec: SearchSpec, *, evaluator: Evaluator | None = None, resume: bool
     evaluator = evaluator or CompressEvaluator(spec)
     study = prepare(spec, evaluator=evaluator, resume=resume, join=join, overwrite=overwrite)
     run_worker(spec, study, evaluator)
-    return output.write_outputs(study, Path(spec.out))
+    with store_writes(spec):
+        return output.write_outputs(study, Path(spec.out))
 
 
 def prepare(spec: SearchSpec, *, evaluator: Evaluator | None = None, resume: bool = False,
@@ -148,15 +160,17 @@ def prepare(spec: SearchSpec, *, evaluator: Evaluator | None = None, resume: boo
         raise UsageError(f"nothing to resume: {out / DB_FILE} does not exist")
     storage = open_storage(spec, fresh=not (resume or join), overwrite=overwrite)
     evaluator = evaluator or CompressEvaluator(spec)
-    study = _load_or_create(spec, storage, evaluator, resume=resume, join=join)
-    (out / output.POINTS).mkdir(parents=True, exist_ok=True)
-    if resume:
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # Retry first: a kill between the two steps then leaves a RUNNING trial whose retry
-            # exists (not enqueued twice), never a FAIL without one.
-            retry_trial(study, trial)
-            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: its process died")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    with store_writes(spec):
+        study = _load_or_create(spec, storage, evaluator, resume=resume, join=join)
+        (out / output.POINTS).mkdir(parents=True, exist_ok=True)
+        if resume:
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                # Retry first: a kill between the two steps then leaves a RUNNING trial whose retry
+                # exists (not enqueued twice), never a FAIL without one.
+                retry_trial(study, trial)
+                reason = "interrupted: its process died"
+                storage.set_trial_user_attr(trial._trial_id, "error", reason)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     return study
 
 
@@ -168,9 +182,55 @@ def run_worker(spec: SearchSpec, study: optuna.Study, evaluator: Evaluator) -> i
     """
     worker = _Worker(spec, study, evaluator)
     deadline = None if spec.time_budget_s is None else time.monotonic() + spec.time_budget_s
-    while _more_to_do(study, spec.trials, deadline):
-        run_trial(study, worker)
+    with store_writes(spec):
+        while _more_to_do(study, spec.trials, deadline):
+            run_trial(study, worker)
     return worker.evaluated
+
+
+@contextlib.contextmanager
+def store_writes(spec: SearchSpec) -> Iterator[None]:
+    """Turn a full disk under the study store into one ``EnvironmentIOError`` naming the store.
+
+    SQLite (or PostgreSQL) rolls the failed transaction back, so the store keeps every write
+    before it: a trial left RUNNING is failed and retried by ``--resume``.
+
+    Raises:
+        EnvironmentIOError: ``no space left writing <store>`` (exit 5).
+    """
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, EnvironmentIOError) or not _no_space(exc):
+            raise
+        store = _store_path(spec)
+        raise EnvironmentIOError(f"no space left writing {store} (the store keeps every finished "
+                                 "trial: free some space, then continue with --resume)") from exc
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from is a full disk or quota: ``OSError``
+    ENOSPC/EDQUOT, SQLite's SQLITE_FULL ("database or disk is full", behind Optuna's
+    ``StorageInternalError`` and SQLAlchemy's ``OperationalError``) or PostgreSQL's disk_full
+    (SQLSTATE 53100)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(exc) or getattr(exc, "sqlstate", None) == "53100":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _store_path(spec: SearchSpec) -> str:
+    """The SQLite file of the store, or its URL without the password."""
+    from sqlalchemy.engine import make_url
+
+    url = spec.storage_url()
+    database = make_url(url).database if url.startswith("sqlite") else None
+    return str(Path(database).resolve()) if database and database != ":memory:" else _redact(url)
 
 
 def run_trial(study: optuna.Study, worker: _Worker) -> None:
@@ -190,6 +250,8 @@ def run_trial(study: optuna.Study, worker: _Worker) -> None:
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+        if _no_space(exc):  # nothing more can be recorded: the trial stays RUNNING for --resume
+            raise
         if "error" not in trial.user_attrs:
             trial.set_user_attr("error", _one_line(exc))
         study.tell(trial, state=TrialState.FAIL)
@@ -212,7 +274,12 @@ def run_trial(study: optuna.Study, worker: _Worker) -> None:
 
 def _beat(storage: Any, trial_id: int, stop: threading.Event) -> None:
     while True:
-        storage.record_heartbeat(trial_id)
+        try:
+            storage.record_heartbeat(trial_id)
+        except Exception as exc:
+            if _no_space(exc):
+                return  # the trial's own next write reports the full disk, once
+            raise
         if stop.wait(HEARTBEAT_S):
             return
 
@@ -236,7 +303,9 @@ def open_storage(spec: SearchSpec, *, fresh: bool, overwrite: bool) -> optuna.st
     url = spec.storage_url()
     if url.startswith("sqlite"):
         _check_sqlite_file(url)
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     if url.startswith("postgresql"):
         kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     storage = _rdb_storage(url, kwargs)
@@ -503,4 +572,5 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["SearchSpec", "search", "prepare", "run_worker", "load_study", "open_storage", "retry_trial"]
+__all__ = ["SearchSpec", "search", "prepare", "run_worker", "load_study", "open_storage",
+           "retry_trial", "store_writes"]
