@@ -121,6 +121,20 @@ def test_a_technique_joins_the_search_by_registering_its_space(tmp_path):
 # ---------------------------------------------------------------------------- trials and outputs
 
 
+def test_a_combination_that_does_not_fit_the_model_is_pruned_as_infeasible_not_failed(tmp_path):
+    """TPE ignores FAIL trials and would sample the same dead region again (1,269 of 1,324
+    trials in a 15-minute digits run did); PRUNED trials count against their region."""
+    from pared.errors import UsageError
+
+    faults = {'"technique": "cluster"': UsageError("cluster: 128 clusters for layer 'a', which has only 72 weights")}
+    doc = search(spec(tmp_path, trials=10, sampler="random", seed=3, techniques=("cluster", "int8")),
+                 evaluator=SyntheticEvaluator(faults=faults))
+    clustered = [r for r in doc["trials"] if r["params"].get("quantize") == "cluster"]
+    assert clustered, "the seed must sample the cluster slot at least once"
+    assert all(r["state"] == "PRUNED" and r["error"].startswith("infeasible: UsageError: cluster: 128 clusters") for r in clustered)
+    assert not [r for r in doc["trials"] if r["state"] == "FAIL"]
+
+
 def test_failing_nan_and_oom_trials_are_recorded_and_the_study_goes_on(tmp_path):
     faults = {'"technique": "cluster"': RuntimeError("boom"), '"technique": "weight_only"': float("nan"),
               '"mode": "static"': MemoryError()}

@@ -504,8 +504,16 @@ class _Worker:
         trial.set_user_attr("recipe", [config_to_dict(c) for c in recipe])
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.evaluated += 1
-        report = self.evaluator.run(recipe, self.out / output.POINTS / output.trial_name(trial.number),
-                                    on_metrics=lambda m: self._prune_hopeless(trial, m))
+        try:
+            report = self.evaluator.run(recipe, self.out / output.POINTS / output.trial_name(trial.number),
+                                        on_metrics=lambda m: self._prune_hopeless(trial, m))
+        except UsageError as exc:
+            # The spec was checked before any trial, so a usage error here means this sampled
+            # combination does not fit the model (a group size that does not divide a pruned
+            # width, more clusters than a layer has weights). PRUNED, unlike FAIL, is data for
+            # TPE: it learns to avoid the region instead of sampling it again and again.
+            trial.set_user_attr("error", f"infeasible: {_one_line(exc)}")
+            raise optuna.TrialPruned(str(exc)) from None
         metrics = metrics_from_report(report)
         trial.set_user_attr("metrics", {k: _jsonable(v) for k, v in metrics.items()})
         trial.set_user_attr("baseline", output.baseline_of(report))
