@@ -104,6 +104,23 @@ def test_openvino_bf16_runtime_runs_float_ops_in_bf16_where_supported(static_mod
     assert _rel_err(run(x), ref) < (3e-2 if run.effective_precision == "bf16" else 1e-3)
 
 
+def test_openvino_reads_inputs_in_place_without_changing_them_or_keeping_them(static_models) -> None:
+    """Inputs are shared with OpenVINO (no copy); a strided view, the caller's tensor and the
+    result of the previous call must all survive the next call unchanged."""
+    q, path, x = static_models["mlp"]
+    run = OpenVinoRunner(path, threads=1, input_names=["x"])
+    wide = torch.stack([x, -x], dim=2).flatten(1)[:, ::2]  # non-contiguous, same values as x
+    assert not wide.is_contiguous() and torch.equal(wide, x)
+    before = wide.clone()
+    first = run(wide)
+    assert torch.equal(wide, before)
+    second = run(x + 1.0)
+    assert not torch.equal(first, second)
+    assert torch.equal(first, run(x))  # the first output was a copy, not OpenVINO's buffer
+    with torch.no_grad():
+        assert _rel_err(first, q(x)) < 1e-3
+
+
 def test_unknown_openvino_precision_is_refused(static_models) -> None:
     _, path, _ = static_models["mlp"]
     with pytest.raises(UsageError, match="precision must be f32 or bf16"):

@@ -95,8 +95,11 @@ class OpenVinoRunner:
         self.effective_precision = "bf16" if "bf16" in str(used) or "bfloat16" in str(used) else "f32"
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feed = {n: _numpy(t) for n, t in zip(self.input_names, inputs)}
-        result = self.request.infer(feed)
+        # share_inputs: OpenVINO reads the caller's arrays in place instead of copying them into
+        # its own buffers; for a 16x3x224x224 image batch that copy alone is ~1 ms. Safe because
+        # infer() is synchronous and the arrays outlive it; the output is copied out below.
+        feed = {n: np.ascontiguousarray(_numpy(t)) for n, t in zip(self.input_names, inputs)}
+        result = self.request.infer(feed, share_inputs=True)
         return torch.from_numpy(np.array(result[self.compiled.output(0)]))
 
 
