@@ -63,6 +63,33 @@ def test_corpus_splits_are_disjoint_and_prose() -> None:
         assert s[0].isupper() and s[-1] in ".!?"
 
 
+def test_training_sources_are_parsed_never_imported(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    (tmp_path / "pkg" / "tests").mkdir(parents=True)
+    source = [
+        '"""Module prose that belongs in the corpus."""',
+        f"open({str(marker)!r}, 'w').write('imported')",
+        "class Thing:",
+        '    """Class prose kept as well."""',
+        "    async def run(self):",
+        '        """Coroutine prose too."""',
+    ]
+    (tmp_path / "pkg" / "mod.py").write_text("\n".join(source) + "\n", encoding="utf-8")
+    (tmp_path / "pkg" / "tests" / "test_mod.py").write_text('"""Test prose is skipped."""\n', encoding="utf-8")
+    (tmp_path / "pkg" / "broken.py").write_text('"""Never parsed."""\ndef (:\n', encoding="utf-8")
+    docs = corpus._source_docstrings(tmp_path)
+    assert docs == ["Module prose that belongs in the corpus.", "Class prose kept as well.", "Coroutine prose too."]
+    assert not marker.exists()
+
+
+def test_training_split_is_large_and_disjoint_from_held_out_sentences() -> None:
+    train = corpus.train_sentences()
+    held_out = set(corpus.eval_sentences()) | set(corpus.calib_sentences())
+    assert len(train) >= 10_000 and len(set(train)) == len(train)
+    assert not held_out & set(train)
+    assert all(corpus.is_prose(s) for s in train[:2000])
+
+
 @pytest.mark.parametrize(
     ("text", "ok"),
     [

@@ -9,18 +9,25 @@ carries the version.
 
 The first ``N_EVAL`` sentences (in a fixed hash order) are the evaluation set, the next ``N_CALIB``
 the calibration set. ``train_sentences()`` (for distillation and recovery fine-tuning) is the rest,
-plus sentences from ``TRAIN_MODULES`` and the language reference text in ``pydoc_data.topics``;
-it never contains an evaluation or calibration sentence.
+plus sentences from ``TRAIN_MODULES``, the language reference text in ``pydoc_data.topics``, and
+the docstrings of every standard-library source file and of the installed torch package, read with
+``ast`` (nothing is imported or run); it never contains an evaluation or calibration sentence.
+Distilling on the first ~2,000 of these alone overfitted: a 3-layer student reached cosine 0.987
+on training sentences against 0.941 on held-out ones.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import inspect
 import json
 import re
 import sys
+import sysconfig
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +38,7 @@ from pared.tasks.base import cache_dir
 N_EVAL = 512
 N_CALIB = 128
 CORPUS_VERSION = 1  # bump when the extraction rules change, so stale caches are not reused
-TRAIN_VERSION = 1  # the same for the training split alone
+TRAIN_VERSION = 2  # the same for the training split alone
 
 # Pure-Python modules present in every CPython build and free of import side effects
 # (no "this" or "antigravity"); optional C-backed ones such as sqlite3 or tkinter are left out
@@ -86,6 +93,14 @@ TRAIN_MODULES: tuple[str, ...] = tuple(
     )
 )  # fmt: skip
 
+# Source trees whose docstrings join the training split only, read with ``ast``. Tests, IDLE, GUI
+# toolkits, demos and third-party site-packages are left out of the standard library walk.
+_SKIPPED_SOURCE_DIRS = frozenset(
+    {"idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "dist-packages",
+     "__pycache__", "_internal"}
+)  # fmt: skip
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 # Characters and patterns that mark code, markup or references rather than prose.
 _CODE_LIKE = re.compile(r">>>|[{}\[\]=<>|\\_*#`@~^$%;]|::|\.\.|\(\)|\w\.\w|\w\(|\s-\w|^\W")
@@ -116,7 +131,7 @@ def train_sentences() -> list[str]:
     """Training sentences: disjoint from ``eval_sentences()`` and ``calib_sentences()``.
 
     Returns:
-        About 2,500 sentences on CPython 3.11, in a fixed order.
+        About 18,000 sentences on CPython 3.11 with torch 2.13, in a fixed order.
     """
     held_out = set(sentences()[: N_EVAL + N_CALIB])
     train = list(_cached_sentences(str(_cache_file("train"))))
@@ -140,7 +155,36 @@ def _train_only_texts() -> list[str]:
     from pydoc_data.topics import topics  # the language reference's prose, shipped with CPython
 
     docs = [doc for name in TRAIN_MODULES for doc in _docstrings(importlib.import_module(name))]
-    return docs + [topics[key] for key in sorted(topics)]
+    docs += [topics[key] for key in sorted(topics)]
+    for root in _training_source_roots():
+        docs += _source_docstrings(root)
+    return docs
+
+
+def _training_source_roots() -> list[Path]:
+    """The standard library's directory and the installed torch package's directory."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.origin is not None:
+        roots.append(Path(spec.origin).parent)
+    return roots
+
+
+def _source_docstrings(root: Path) -> list[str]:
+    """Docstrings of every module, class and function under ``root``, parsed, never imported."""
+    docs: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        dirs = path.relative_to(root).parts[:-1]
+        if any(d in _SKIPPED_SOURCE_DIRS or d.startswith("test") for d in dirs):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (OSError, SyntaxError, ValueError):
+            continue  # an unreadable or non-3.x file is simply not part of the corpus
+        for node in ast.walk(tree):
+            if isinstance(node, _DOC_NODES) and (doc := ast.get_docstring(node)):
+                docs.append(doc)
+    return docs
 
 
 def build_sentences() -> list[str]:
@@ -169,8 +213,17 @@ def is_prose(sentence: str) -> bool:
 
 def _cache_file(split: str = "") -> Path:
     minor = f"{sys.version_info.major}.{sys.version_info.minor}"
-    name = f"corpus_{split}_v{TRAIN_VERSION}" if split else f"corpus_v{CORPUS_VERSION}"
-    return cache_dir() / f"{name}_py{minor}.json"
+    if not split:
+        return cache_dir() / f"corpus_v{CORPUS_VERSION}_py{minor}.json"
+    # The training split also reads torch's docstrings, so its version names the file too.
+    return cache_dir() / f"corpus_{split}_v{TRAIN_VERSION}_py{minor}_torch{_torch_version()}.json"
+
+
+def _torch_version() -> str:
+    try:
+        return importlib.metadata.version("torch").replace("+", "_")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 @lru_cache(maxsize=8)
