@@ -305,3 +305,16 @@ def test_user_task_errors_name_the_fix() -> None:
         _user_task().calibration()
     with pytest.raises(UsageError, match="primary metric 'f1'"):
         _user_task(primary_metric="f1").evaluate(lambda x: torch.zeros(len(x), 3))
+
+
+def test_minilm_teacher_targets_follow_the_sentence_order(
+    minilm: MiniLMTask, minilm_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Targets are computed in length order for speed and must land back on their own sentences.
+    sentences = sorted(corpus.train_sentences()[:70], key=lambda s: -len(s))[::3] + corpus.train_sentences()[70:80]
+    task = MiniLMTask(n_eval=8)
+    monkeypatch.setattr(task, "model", lambda: minilm_model)
+    targets = task._teacher_embeddings(sentences)
+    with torch.inference_mode():
+        one_by_one = torch.cat([minilm_model(*task._tokenize_longest([s])) for s in sentences])
+    torch.testing.assert_close(targets, one_by_one, atol=1e-5, rtol=1e-4)
