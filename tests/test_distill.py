@@ -313,3 +313,22 @@ def test_distilled_student_reloads_from_its_recipe(tmp_path) -> None:
     reloaded = load_artefact(tmp_path / "art", model=task.model())
     with torch.no_grad():
         assert torch.equal(reloaded(task.ids, task.mask), student(task.ids, task.mask))
+
+
+def test_teacher_cache_is_released_when_distillation_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pared.distill as distill_module
+    from pared.teacher_cache import TeacherCache
+
+    made: list[TeacherCache] = []
+
+    def recorded() -> TeacherCache:
+        made.append(TeacherCache())
+        return made[-1]
+
+    monkeypatch.setattr(distill_module, "TeacherCache", recorded)
+    task = TokenDistillTask()
+    ctx = Context(task=task)
+    student = compress_(task.model(), DropLayersConfig(every=2), context=ctx)
+    compress_(student, DistillConfig(steps=8, lr=2e-3, hidden=1.0, **FAST), context=ctx)
+    assert len(made) == 1 and ctx.summary[-1]["cached_samples"] > 0
+    assert made[0].rows == {}  # the rows were dropped on the way out, not left to the collector

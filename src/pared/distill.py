@@ -457,13 +457,19 @@ def distill(
         )
     finally:
         wrapper.remove_hooks()
+        cached = len(wrapper.cache.rows) if wrapper.cache is not None else 0
+        if wrapper.cache is not None:
+            # Gigabytes for a large corpus; freed now rather than whenever the cyclic collector
+            # reaches the closures that still point at the wrapper. Measured: 2.5 GB of small
+            # tensors left alive made MiniLM eager inference 2x slower in the same process.
+            wrapper.cache.rows.clear()
     return {
         "technique": "distill",
         "steps": result.steps,
         "final_loss": result.final_loss,
         "pairs": [f"{p.kind}:{p.name}" for p in pairs],
         "projections": len(wrapper.projections),
-        "cached_samples": len(wrapper.cache.rows) if wrapper.cache is not None else 0,
+        "cached_samples": cached,
     }
 
 
