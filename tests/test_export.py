@@ -270,3 +270,53 @@ def test_fold_constant_quantize_is_a_no_op_without_constants() -> None:
         [helper.make_tensor_value_info("Y", TensorProto.UINT8, [2])],
     )
     assert fold_constant_quantize(graph) == 0 and len(graph.node) == 1
+
+
+# ---------------------------------------------------------------- quantizer placement passes
+
+
+def test_residual_cnn_reads_quantized_block_inputs(tmp_path: Path) -> None:
+    from pared.testing.resnet import resnet18_layout
+
+    torch.manual_seed(0)
+    fp32 = resnet18_layout(8, 10).eval()
+    calib = [(torch.randn(2, 3, 64, 64),) for _ in range(3)]
+    q = compress_(copy.deepcopy(fp32), Int8Config(), calib=calib)
+    x = torch.randn(4, 3, 64, 64)
+    path = export_onnx(q, (x,), tmp_path / "r.onnx", input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    pools = [n for n in graph.node if n.op_type == "MaxPool"]
+    # The stem pool was moved below the conv's Q/DQ (it runs on the int8 grid) ...
+    assert [producers[p.input[0]].op_type for p in pools] == ["DequantizeLinear"]
+    # ... and every residual add with an identity shortcut reads a dequantized block input.
+    identity_adds = [n for n in graph.node if n.op_type == "Add"
+                     and not all(producers[i].op_type == "Conv" for i in n.input)]
+    assert len(identity_adds) == 5  # 8 blocks, 3 with a conv shortcut
+    assert all(any(producers[i].op_type in ("DequantizeLinear", "MaxPool") for i in n.input) for n in identity_adds)
+    with torch.no_grad():
+        ref, eager = fp32(x), q(x)
+    out = OnnxRuntimeRunner(path, threads=1, input_names=["x"])(x)
+    assert _rel_err(out, eager) < 0.02 and _rel_err(out, ref) < 0.05
+
+
+def test_hoisting_the_quantizer_above_maxpool_is_exact() -> None:
+    from pared.onnx_export import hoist_quantize_above_maxpool
+
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.uint8), "z")
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 5])], initializer=[scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": np.random.default_rng(0).normal(2.0, 3.0, (1, 2, 9, 9)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert hoist_quantize_above_maxpool(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "DequantizeLinear", "MaxPool"]
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(after, before)

@@ -138,7 +138,9 @@ def test_a_combination_that_does_not_fit_the_model_is_pruned_as_infeasible_not_f
 def test_failing_nan_and_oom_trials_are_recorded_and_the_study_goes_on(tmp_path):
     faults = {'"technique": "cluster"': RuntimeError("boom"), '"technique": "weight_only"': float("nan"),
               '"mode": "static"': MemoryError()}
-    doc = search(spec(tmp_path, trials=14, sampler="random", seed=3, techniques=("cluster", "weight_only", "int8")),
+    # Synthetic metrics hash the recipe JSON, so a config gaining a field reshuffles them; seed 4
+    # samples each fault and two trials that complete (seed 3 did until Int8Config.attention).
+    doc = search(spec(tmp_path, trials=14, sampler="random", seed=4, techniques=("cluster", "weight_only", "int8")),
                  evaluator=SyntheticEvaluator(faults=faults))
     rows = doc["trials"]
     assert len(rows) == 14
@@ -449,7 +451,10 @@ def test_resume_reads_no_trial_artefact_and_clears_a_half_written_one(tmp_path):
     for report in reports:
         report.write_bytes(report.read_bytes()[:5])  # every finished point damaged
     doc = search(spec(tmp_path, trials=4), evaluator=SyntheticEvaluator(), resume=True)
-    assert len(doc["trials"]) == 4 and all(t["state"] == "COMPLETE" for t in doc["trials"])
+    # Reading a damaged report back would fail a trial; a constraint may still prune one (the
+    # synthetic metrics are a hash of the recipe).
+    assert len(doc["trials"]) == 4 and all(t["state"] in ("COMPLETE", "PRUNED") for t in doc["trials"])
+    assert any(t["state"] == "COMPLETE" for t in doc["trials"])
     assert not half.exists()
 
 

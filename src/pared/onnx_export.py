@@ -63,6 +63,9 @@ def export_onnx(
         proto = onnx.load(str(raw))
     fold_constant_quantize(proto.graph)
     fold_dequantize_transpose(proto.graph)
+    merge_duplicate_nodes(proto.graph)
+    share_conv_input_quantizers(proto.graph)
+    hoist_quantize_above_maxpool(proto.graph)
     remove_unused_initializers(proto.graph)
     shorten_names(proto.graph)
     try:
@@ -154,6 +157,122 @@ def fold_dequantize_transpose(graph: onnx.GraphProto) -> int:
         graph.node.remove(dq)
         folded += 1
     return folded
+
+
+def merge_duplicate_nodes(graph: onnx.GraphProto) -> int:
+    """Merge nodes that compute the same value: same operator and attributes, same inputs, with
+    constant inputs compared by content; ``Identity`` nodes are dropped.
+
+    Layers that read one tensor each export their own copy of the work done on it (SmoothQuant's
+    per-channel multiply, the activation QuantizeLinear): with a shared smoothing scale, the
+    query/key/value projections of an attention block export three identical multiply and
+    quantize chains. Merged, the runtime quantizes that input once. Returns the number of merged
+    nodes.
+    """
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # a subgraph may read outer names: leave such a graph as it is
+    by_content: dict[tuple, str] = {}
+    rename = {}
+    inputs = {i.name for i in graph.input}  # an initializer listed as an input can be overridden
+    for init in graph.initializer:
+        if init.name in inputs:
+            continue
+        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        rename[init.name] = by_content.setdefault(key, init.name)
+    outputs = {o.name for o in graph.output}
+    seen: dict[tuple, list[str]] = {}
+    merged = 0
+    for node in list(graph.node):
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        if "Random" in node.op_type or outputs.intersection(node.output):
+            continue
+        if node.op_type == "Identity":  # the exporter's alias of a repeated parameter
+            rename[node.output[0]] = node.input[0]
+            graph.node.remove(node)
+            merged += 1
+            continue
+        key = (node.domain, node.op_type, tuple(node.input), tuple(a.SerializeToString() for a in node.attribute))
+        if key in seen:
+            rename.update(zip(node.output, seen[key]))
+            graph.node.remove(node)
+            merged += 1
+        else:
+            seen[key] = list(node.output)
+    gone = {old for old, new in rename.items() if old != new}
+    for info in list(graph.value_info):
+        if info.name in gone:
+            graph.value_info.remove(info)
+    return merged
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _qdq_pairs(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """``(QuantizeLinear, DequantizeLinear)`` pairs on activations: a Q whose only reader is a DQ."""
+    consumers = _consumers(graph)
+    pairs = []
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear":
+            continue
+        readers = consumers.get(q.output[0], [])
+        if len(readers) == 1 and readers[0].op_type == "DequantizeLinear":
+            pairs.append((q, readers[0]))
+    return pairs
+
+
+def share_conv_input_quantizers(graph: onnx.GraphProto) -> int:
+    """Let the other readers of a quantized conv input (a residual ``Add``, a ``MaxPool``) read
+    the dequantized value too.
+
+    In a ResNet block the block input feeds the first conv (through pared's Q/DQ) and the residual
+    add (in float), so the producer has to write float and quantize separately. Once every reader
+    goes through the Q/DQ, runtimes fuse the quantization into the producing conv, which then
+    writes int8: on the ResNet-18-layout CNN in OpenVINO this is most of the gap to NNCF, which
+    quantizes residual inputs the same way (docs/quantization.md). The add then sums the int8-grid
+    value, an error of at most half a step; limited to conv inputs, because in a transformer the
+    same rewrite would put the residual stream on the grid. Returns the number of rewired inputs.
+    """
+    consumers = _consumers(graph)
+    position = {id(n): k for k, n in enumerate(graph.node)}
+    rewired = 0
+    for q, dq in _qdq_pairs(graph):
+        if not any(c.op_type == "Conv" for c in consumers.get(dq.output[0], [])):
+            continue
+        for reader in consumers.get(q.input[0], []):
+            if reader is q or reader.op_type not in ("Add", "MaxPool") or position[id(reader)] < position[id(dq)]:
+                continue
+            reader.input[:] = [dq.output[0] if i == q.input[0] else i for i in reader.input]
+            rewired += 1
+    return rewired
+
+
+def hoist_quantize_above_maxpool(graph: onnx.GraphProto) -> int:
+    """``Q(MaxPool(x))`` -> ``MaxPool(DQ(Q(x)))`` where the pool has no other reader.
+
+    Exact (quantization is monotone, so it commutes with max), and the pool then runs on int8 and
+    the quantization fuses into the op before it. Returns the number of moved pairs.
+    """
+    consumers = _consumers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    moved = 0
+    for q, dq in _qdq_pairs(graph):
+        pool = producers.get(q.input[0])
+        if pool is None or pool.op_type != "MaxPool" or len(pool.output) != 1 or len(consumers[pool.output[0]]) != 1:
+            continue
+        pooled, dequantized = pool.output[0], dq.output[0]
+        q.input[0] = pool.input[0]
+        dq.output[0] = pooled + "_dq"
+        pool.input[0], pool.output[0] = dq.output[0], dequantized
+        graph.node.remove(pool)
+        graph.node.insert(list(graph.node).index(dq) + 1, pool)
+        moved += 1
+    return moved
 
 
 def _custom_opsets(model: nn.Module) -> dict[str, int]:

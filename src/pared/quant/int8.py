@@ -23,6 +23,8 @@ from pared.apply import Context, register
 from pared.calib import checked_batches, observe_layer_inputs, sample_count
 from pared.config import BaseConfig, register_config
 from pared.errors import InputRefused, UsageError
+from pared.quant.attention import INPUTS as ATTENTION_INPUTS
+from pared.quant.attention import AttentionQuant, attach_quantizers, discover_attention, use_int8_attention
 from pared.quant.batchnorm import fold_batchnorms
 from pared.quant.bias_correction import mean_input_for, output_shift
 from pared.quant.observers import RangeRecord, auto_range, mse_range, outlier_ratio, record_range
@@ -68,6 +70,9 @@ class Int8Config(BaseConfig):
         strict: refuse (``InputRefused``, exit 3) a model with parameter-holding layers this mode
             cannot quantize, instead of keeping them in float and listing them under
             ``unsupported`` in the step summary.
+        attention: also quantize the two matmuls inside Hugging Face attention (query, key,
+            value int8, softmax probabilities uint8; static mode; see ``pared.quant.attention``).
+            Faster in OpenVINO, slightly less accurate.
     """
 
     mode: Literal["static", "dynamic", "weight"] = "static"
@@ -84,6 +89,7 @@ class Int8Config(BaseConfig):
     fallback_outliers: bool = False
     outlier_threshold: float = 64.0
     strict: bool = False
+    attention: bool = False
 
     def validate(self) -> None:
         if self.calibration_batches is not None and self.calibration_batches < 1:
@@ -92,6 +98,8 @@ class Int8Config(BaseConfig):
             raise UsageError(f"int8.outlier_threshold must be > 1, got {self.outlier_threshold}")
         if self.mode != "static" and (self.bias_correction or self.fallback_outliers):
             raise UsageError("int8.bias_correction and int8.fallback_outliers need mode 'static' (they use calibration data)")
+        if self.mode != "static" and self.attention:
+            raise UsageError("int8.attention needs mode 'static' (attention ranges come from calibration data)")
 
 
 class QuantLinear(nn.Module):
@@ -245,6 +253,7 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
     unobserved: list[str] = []
     observed = [(n, m) for n, m in chosen if not isinstance(m, nn.Embedding) and _layer_mode(n, m, cfg) == "static"]
     key = ctx.structure_key("int8")
+    attention = _attention_quantizers(model, cfg, ctx, ctx.structure.get(key) if ctx.skeleton else None)
     if ctx.skeleton:
         # Which layers calibration kept in float is data-dependent: the manifest recorded it.
         kept_float = _recorded_kept_float(ctx.structure.get(key), {n for n, _ in chosen})
@@ -254,10 +263,13 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
         unobserved = [n for n, _ in observed if n not in cal.ranges and n not in cal.outliers]
         if unobserved and not cfg.allow_unobserved:
             raise UsageError(f"layers never reached by calibration data: {unobserved} (set allow_unobserved to keep them in float)")
+        for quant in attention.values():
+            quant.set_ranges("minmax" if cfg.calibration == "auto" else cfg.calibration)
     if not ctx.skeleton:
         kept_float = unobserved + list(cal.outliers)
-        if kept_float:
-            ctx.structure[key] = {"kept_float": kept_float}
+        record = ({"kept_float": kept_float} if kept_float else {}) | ({"attention": list(attention)} if attention else {})
+        if record:
+            ctx.structure[key] = record
     counts: dict[str, int] = {}
     for name, m in chosen:
         if name in kept_float:
@@ -278,8 +290,31 @@ def _apply_int8(model: nn.Module, cfg: Int8Config, ctx: Context) -> nn.Module:
         **({"calibration_choice": cal.choices} if cfg.calibration == "auto" else {}),
         **({"outlier_fallback": cal.outliers} if cfg.fallback_outliers else {}),
         **({"bias_corrected": sorted(cal.mean_inputs)} if cfg.bias_correction else {}),
+        **({"attention_quantized": list(attention)} if cfg.attention else {}),
     })
     return model
+
+
+def _attention_quantizers(model: nn.Module, cfg: Int8Config, ctx: Context, recorded: object) -> dict[str, AttentionQuant]:
+    """``{attention module name: AttentionQuant}`` attached to the model (empty unless
+    ``cfg.attention``); recording ranges during calibration, or rebuilt from the manifest."""
+    if not cfg.attention:
+        return {}
+    if ctx.skeleton:
+        names = recorded.get("attention") if isinstance(recorded, dict) else None
+        modules = {n for n, _ in model.named_modules()}
+        if not isinstance(names, list) or not all(isinstance(n, str) and n in modules for n in names):
+            raise InputRefused("artefact structure has no valid 'attention' list of int8 attention layers")
+        use_int8_attention(model)
+    else:
+        if ctx.calib is None:
+            raise UsageError("int8.attention needs calibration data")
+        names = discover_attention(model, checked_batches(ctx.calib, limit=1)[0])
+    quants = dict(zip(names, attach_quantizers(model, names)))
+    if not ctx.skeleton:
+        for quant in quants.values():
+            quant.records = {n: RangeRecord(n) for n in ATTENTION_INPUTS}
+    return quants
 
 
 # Whole calibration inputs kept per layer for ``auto``'s output-error comparison.
@@ -368,7 +403,7 @@ def _output_error(layer: nn.Module, inputs: list[torch.Tensor], cfg: Int8Config)
 def _recorded_kept_float(entry: object, names: set[str]) -> list[str]:
     if entry is None:
         return []
-    kept = entry.get("kept_float") if isinstance(entry, dict) else None
+    kept = entry.get("kept_float", []) if isinstance(entry, dict) else None
     if not isinstance(kept, list) or not all(isinstance(n, str) and n in names for n in kept):
         raise InputRefused("artefact structure has no valid 'kept_float' list of int8 layers for this model")
     return kept

@@ -8,6 +8,11 @@ Where the producer of ``x`` can absorb ``1/s`` (a LayerNorm feeding only this Li
 folds it; in post-LN transformers such as BERT the LayerNorm also feeds the residual, so pared
 keeps ``1/s`` as an explicit per-channel multiply (``ChannelScale``) in front of the Linear, a
 cheap elementwise op that runtimes fuse into the activation quantizer.
+
+Linears that read the same tensor (an attention block's query, key and value projections) share
+one ``s``, computed from the largest weight column over the group as the paper does for QKV: their
+smoothed inputs are then one tensor, so after int8 quantization the exported graph multiplies
+and quantizes that input once instead of once per projection (ONNX export merges the copies).
 """
 
 from __future__ import annotations
@@ -85,30 +90,61 @@ def _apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: Context) -
         # A conv-only model has nothing to smooth; the recipe's next steps still apply.
         ctx.summary.append({"technique": "smoothquant", "alpha": cfg.alpha, "smoothed": []})
         return model
-    absmax = {} if ctx.skeleton else _channel_absmax(model, chosen, cfg, ctx)
+    absmax, groups = ({}, []) if ctx.skeleton else _channel_absmax(model, chosen, cfg, ctx)
+    scales = {} if ctx.skeleton else _group_scales(chosen, absmax, groups, cfg.alpha)
     for name, linear in chosen:
         wrapped = SmoothedLinear(linear, linear.in_features)
         if not ctx.skeleton:
-            if name not in absmax:
-                raise UsageError(f"smoothquant: layer {name!r} never reached by calibration data")
-            s = smoothing_scales(absmax[name], linear.weight, cfg.alpha)
+            s = scales[name]
             with torch.no_grad():
                 linear.weight.mul_(s)
             wrapped[0].scale.copy_(1.0 / s)
         model.set_submodule(name, wrapped)
-    ctx.summary.append({"technique": "smoothquant", "alpha": cfg.alpha, "smoothed": [n for n, _ in chosen]})
+    ctx.summary.append({"technique": "smoothquant", "alpha": cfg.alpha, "smoothed": [n for n, _ in chosen],
+                        "shared_input_groups": groups})
     return model
 
 
-def _channel_absmax(model: nn.Module, layers, cfg: SmoothQuantConfig, ctx: Context) -> dict[str, torch.Tensor]:
+def _group_scales(chosen, absmax: dict[str, torch.Tensor], groups: list[list[str]], alpha: float) -> dict[str, torch.Tensor]:
+    """``s`` per layer, one shared ``s`` per group of layers that read the same tensor (computed
+    before any weight absorbs it)."""
+    group_of = {name: group for group in groups for name in group}
+    layers = dict(chosen)
+    scales: dict[str, torch.Tensor] = {}
+    for name, _ in chosen:
+        if name not in absmax:
+            raise UsageError(f"smoothquant: layer {name!r} never reached by calibration data")
+        if name not in scales:
+            group = group_of.get(name, [name])
+            weights = torch.cat([layers[n].weight.detach() for n in group])
+            s = smoothing_scales(absmax[name], weights, alpha)
+            scales.update({n: s for n in group})
+    return scales
+
+
+def _channel_absmax(
+    model: nn.Module, layers, cfg: SmoothQuantConfig, ctx: Context
+) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """Per-input-channel ``max|x|`` of each layer over the calibration batches, and the groups
+    (two or more layers) whose input is the very same tensor in the first batch."""
     if ctx.calib is None:
         raise UsageError("smoothquant needs calibration data")
     batches = checked_batches(ctx.calib, limit=cfg.calibration_batches)
     absmax: dict[str, torch.Tensor] = {}
+    first_inputs: dict[str, torch.Tensor] = {}  # held, so no later tensor can reuse an id
 
     def observe(name: str, x: torch.Tensor) -> None:
+        first_inputs.setdefault(name, x)
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
 
     observe_layer_inputs(model, layers, batches, observe)
-    return absmax
+    by_tensor: dict[int, list[str]] = {}
+    for name, x in first_inputs.items():
+        by_tensor.setdefault(id(x), []).append(name)
+    groups = [names for names in by_tensor.values() if len(names) > 1]
+    for group in groups:
+        shared = torch.stack([absmax[n] for n in group]).amax(dim=0)
+        for n in group:
+            absmax[n] = shared
+    return absmax, groups
