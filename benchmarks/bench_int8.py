@@ -18,6 +18,8 @@ Methods (all at 2 intra-op threads):
   recipe, exported as QDQ ONNX, run by each runtime;
 - ``pared-int8-openvino-bf16`` / ``pared-fp32-openvino-bf16``: the same files in OpenVINO with the
   ops left in float run in bf16 (AMX / AVX512-BF16 CPUs; fp32 elsewhere);
+- ``pared-int8-attention-openvino`` (MiniLM): the built-in ``int8-attention`` recipe (``int8`` plus
+  the attention matmuls in int8), in OpenVINO;
 - ``ort-quantize-dynamic``: ONNX Runtime's ``quantize_dynamic`` (int8 weights) on the fp32 export;
 - ``torch-ao-dynamic``: ``torch.ao.quantization.quantize_dynamic`` on the Linear layers, eager.
 
@@ -168,6 +170,17 @@ def build_methods(
         return out
 
     attempt("pared-int8-openvino+onnxruntime", pared_int8)
+
+    def pared_int8_attention() -> Method:
+        model = compress_(copy.deepcopy(fp32), load_recipe("int8-attention"), calib=task.calibration())
+        path = scratch / "pared_int8_attention.onnx"
+        export_onnx(model, inputs, path, input_names=names, dynamic_axes=axes)
+        run = make_runner("openvino", onnx_path=path, threads=THREADS, input_names=names)
+        return Method("pared-int8-attention-openvino", run, runtime="openvino", size_bytes=path.stat().st_size,
+                      size_what="ONNX file (QDQ, int8 initializers)")
+
+    if task.name == "minilm":  # attention quantization is for Hugging Face transformers
+        attempt("pared-int8-attention-openvino", pared_int8_attention)
 
     def fp32_openvino_bf16() -> Method:
         if not fp32_onnx.is_file():

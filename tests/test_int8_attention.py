@@ -131,6 +131,16 @@ def test_int8_attention_quantizes_the_attention_matmuls(tmp_path) -> None:
     assert _cos(run(ids, mask), out) > 0.999
 
 
+def test_attention_calibration_estimator_is_used() -> None:
+    def scales(method: str) -> torch.Tensor:
+        q = compress_(tiny_bert(1), Int8Config(attention=True, attention_calibration=method), calib=_calib())
+        m = next(m for m in q.modules() if isinstance(m, AttentionQuant))
+        return torch.stack([m.query_scale, m.key_scale, m.value_scale, m.probs_scale])
+
+    minmax, mse = scales("minmax"), scales("mse")
+    assert not torch.equal(minmax, mse) and bool((mse <= minmax + 1e-9).all())
+
+
 def test_int8_attention_artefact_reloads(tmp_path) -> None:
     ctx = Context()
     recipe = [SmoothQuantConfig(alpha=0.8), Int8Config(attention=True)]
@@ -147,6 +157,8 @@ def test_int8_attention_artefact_reloads(tmp_path) -> None:
 def test_int8_attention_refusals(tmp_path) -> None:
     with pytest.raises(UsageError, match="attention needs mode 'static'"):
         Int8Config(mode="dynamic", attention=True)
+    with pytest.raises(UsageError, match="attention_calibration: expected one of"):
+        Int8Config(attention=True, attention_calibration="auto")  # auto needs a layer to score
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     with pytest.raises(UsageError, match="no Hugging Face attention"):
         compress_(mlp, Int8Config(attention=True), calib=[(torch.randn(2, 4),)])
