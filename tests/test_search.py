@@ -138,9 +138,10 @@ def test_a_combination_that_does_not_fit_the_model_is_pruned_as_infeasible_not_f
 def test_failing_nan_and_oom_trials_are_recorded_and_the_study_goes_on(tmp_path):
     faults = {'"technique": "cluster"': RuntimeError("boom"), '"technique": "weight_only"': float("nan"),
               '"mode": "static"': MemoryError()}
-    # Synthetic metrics hash the recipe JSON, so a config gaining a field reshuffles them; seed 4
-    # samples each fault and two trials that complete (seed 3 did until Int8Config.attention).
-    doc = search(spec(tmp_path, trials=14, sampler="random", seed=4, techniques=("cluster", "weight_only", "int8")),
+    # Only dynamic int8 escapes the faults; no constraint, so its synthetic accuracy (a hash of the
+    # recipe JSON, which changes whenever a config gains a field) cannot prune it.
+    doc = search(spec(tmp_path, trials=14, sampler="random", seed=3, techniques=("cluster", "weight_only", "int8"),
+                      constraints=()),
                  evaluator=SyntheticEvaluator(faults=faults))
     rows = doc["trials"]
     assert len(rows) == 14
@@ -158,7 +159,6 @@ def test_failing_nan_and_oom_trials_are_recorded_and_the_study_goes_on(tmp_path)
     names = [o["name"] for o in doc["objectives"]]
     assert names == ["accuracy", "latency_ratio"]
     for r in front:
-        assert r["metrics"]["metric_drop"] <= 2
         assert (tmp_path / "s" / r["artefact"] / "report.json").is_file()
         assert load_recipe(str(tmp_path / "s" / r["recipe"]))  # re-runnable with pared compress
     off_front = [r for r in by_state["COMPLETE"] if not r["pareto"]]
@@ -552,3 +552,22 @@ def test_eight_workers_on_one_sqlite_study_lose_no_trial_and_run_none_twice(tmp_
     assert len(ran) == len(set(ran))  # no trial ran twice ...
     assert set(ran) == {trial_name(t.number) for t in trials if "recipe" in t.user_attrs}  # ... or not at all
     assert 10 <= len(trials) <= 10 + 7  # each extra worker may start one last trial
+
+
+def test_int8_space_offers_attention_only_for_hugging_face_attention():
+    import optuna
+
+    pytest.importorskip("transformers")
+    from pared.quant import Int8Config
+    from pared.search.space import model_info
+    from pared.search.techniques import int8_space
+    from pared.tasks.digits import DigitsCNN
+    from pared.testing.bert import tiny_bert
+
+    bert, cnn = model_info("tokens", tiny_bert(2), trainable=True), model_info("digits", DigitsCNN(), trainable=True)
+    assert bert.hf_attention and not cnn.hf_attention
+    params = {"int8.mode": "static", "int8.smoothquant": False, "int8.calibration": "minmax", "int8.attention": True}
+    steps = int8_space(optuna.trial.FixedTrial(params), bert)
+    assert isinstance(steps[-1], Int8Config) and steps[-1].attention
+    cnn_steps = int8_space(optuna.trial.FixedTrial({**params, "int8.float.features.0": False}), cnn)
+    assert not cnn_steps[-1].attention

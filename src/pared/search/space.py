@@ -62,6 +62,8 @@ class ModelInfo:
         sensitivity: ``{group: {"int8": drop, "prune50": drop}}`` measured before the search
             (empty when not measured); spaces use it to offer per-group choices only where
             they matter.
+        hf_attention: the attention goes through transformers' attention interface (what
+            ``Int8Config(attention=True)`` needs).
     """
 
     task: str
@@ -72,6 +74,7 @@ class ModelInfo:
     groups: tuple[str, ...]
     sensitivity: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     weights: dict[str, int] = dataclasses.field(default_factory=dict)
+    hf_attention: bool = False
 
     def layers_of(self, *kinds: str) -> list[str]:
         """Names of the layers whose type is one of ``kinds``."""
@@ -180,7 +183,9 @@ def model_info(task_name: str, model: nn.Module, *, trainable: bool,
             in_features[name] = m.in_features
         if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("SelfAttention"):
             attention = True
-    return ModelInfo(task_name, layers, in_features, attention, trainable, _groups(layers), sensitivity or {}, weights)
+    hf_attention = attention and any(hasattr(getattr(m, "config", None), "_attn_implementation") for m in model.modules())
+    return ModelInfo(task_name, layers, in_features, attention, trainable, _groups(layers), sensitivity or {}, weights,
+                     hf_attention)
 
 
 _BLOCK = re.compile(r"^(.*?\.layers?\.\d+)\.")  # HF/PyTorch transformer blocks: encoder.layer.3.*
