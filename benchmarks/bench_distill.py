@@ -87,12 +87,14 @@ def state_bytes(model: nn.Module, path: Path) -> int:
 # ----------------------------------------------------------------------------------- MiniLM
 
 
-def distill_recipe(steps: int, lr: float, batch_size: int, hidden: float = 1.0, attention: float = 1.0) -> list[Any]:
+def distill_recipe(steps: int, lr: float, batch_size: int, hidden: float = 1.0, attention: float = 1.0,
+                   autocast: str | None = None) -> list[Any]:
     """drop_layers (every 2nd) then distill: embeddings + hidden states + attention maps."""
     return [
         DropLayersConfig(every=2),
         DistillConfig(steps=steps, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="cosine",
-                      hidden=hidden, attention=attention, train_mode=False, freeze=("*word_embeddings",)),
+                      hidden=hidden, attention=attention, train_mode=False, freeze=("*word_embeddings",),
+                      autocast=autocast),
     ]
 
 
@@ -104,7 +106,7 @@ def run_minilm(args: argparse.Namespace, scratch: Path) -> None:
     torch.set_num_threads(THREADS)
     task = MiniLMTask(n_eval=args.n_eval)
     teacher = task.model()
-    recipe = distill_recipe(args.steps, args.lr, args.batch_size, args.hidden, args.attention)
+    recipe = distill_recipe(args.steps, args.lr, args.batch_size, args.hidden, args.attention, args.autocast)
     log(f"distilling: {[pared.config_to_dict(c) for c in recipe]}")
     # Training runs on --train-threads threads (default 1): on a shared machine a second OpenMP
     # thread mostly spin-waits for a core, which inflates CPU time without speeding anything up.
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-4, help="MiniLM peak learning rate (AdamW, cosine)")
     parser.add_argument("--hidden", type=float, default=1.0, help="MiniLM hidden-state loss weight")
     parser.add_argument("--attention", type=float, default=1.0, help="MiniLM attention-map loss weight")
+    parser.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                        help="MiniLM: mixed precision for the distillation steps (bf16 uses AMX where the CPU has it)")
     parser.add_argument("--train-threads", type=int, default=1, help="threads while distilling")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size")
     parser.add_argument("--n-eval", type=int, default=512, help="MiniLM evaluation sentences (512 = all)")

@@ -170,3 +170,30 @@ def test_int8_attention_refusals(tmp_path) -> None:
     save_artefact(q, tmp_path, recipe=recipe, source=None, structure=ctx.structure)
     with pytest.raises(InputRefused, match="'attention' list"):
         load_artefact(tmp_path, model=tiny_bert(1))
+
+
+def test_int8_attention_on_a_causal_decoder_with_grouped_kv_heads() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = transformers.LlamaForCausalLM(config)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=ids).logits
+
+    ref = Logits().eval()
+    ctx = Context()
+    q = compress_(copy.deepcopy(ref), Int8Config(attention=True), calib=[(torch.randint(0, 100, (4, 12)),)] * 3, context=ctx)
+    assert ctx.summary[-1]["attention_quantized"] == ["lm.model.layers.0.self_attn", "lm.model.layers.1.self_attn"]
+    ids = torch.randint(0, 100, (2, 12))
+    later = ids.clone()
+    later[:, -1] = (later[:, -1] + 1) % 100
+    with torch.no_grad():
+        out, want, changed = q(ids), ref(ids), q(later)
+    assert _cos(out, want) > 0.99
+    torch.testing.assert_close(changed[:, :-1], out[:, :-1])  # still causal: the last token is unseen before

@@ -64,6 +64,7 @@ def _fork(work: Callable[[], None]) -> int:
             code = 130
         except ParedError as exc:
             code = exc.exit_code
+            os.write(2, f"child {os.getpid()}: {type(exc).__name__}: {exc}\n".encode())  # shown on failure
         finally:
             os._exit(code)
     return pid
