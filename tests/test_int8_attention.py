@@ -197,3 +197,24 @@ def test_int8_attention_on_a_causal_decoder_with_grouped_kv_heads() -> None:
         out, want, changed = q(ids), ref(ids), q(later)
     assert _cos(out, want) > 0.99
     torch.testing.assert_close(changed[:, :-1], out[:, :-1])  # still causal: the last token is unseen before
+
+
+def test_attention_float_keeps_the_most_sensitive_blocks_in_float(tmp_path) -> None:
+    ctx = Context()
+    recipe = [Int8Config(attention=True, attention_float=1)]
+    q = compress_(tiny_bert(3), recipe, calib=_calib(), context=ctx)
+    step = ctx.summary[-1]
+    kept, errors = step["attention_kept_float"], step["attention_block_errors"]
+    assert len(kept) == 1 and len(step["attention_quantized"]) == 2 and len(errors) == 3
+    # the block kept in float is the one whose int8 attention alone moved the output most
+    assert kept == [max(errors, key=errors.get)] and all(e > 0 for e in errors.values())
+    assert kept[0] not in step["attention_quantized"] and not hasattr(q.get_submodule(kept[0]), "int8_attention")
+    save_artefact(q, tmp_path, recipe=recipe, source=None, structure=ctx.structure)
+    loaded = load_artefact(tmp_path, model=tiny_bert(3))
+    ids, mask = token_batch(4, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), q(ids, mask))
+    with pytest.raises(UsageError, match="attention_float is 4 but the model has 3"):
+        compress_(tiny_bert(3), Int8Config(attention=True, attention_float=4), calib=_calib())
+    with pytest.raises(UsageError, match="attention_float must be >= 0"):
+        Int8Config(attention=True, attention_float=-1)

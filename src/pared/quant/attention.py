@@ -39,10 +39,13 @@ class AttentionQuant(nn.Module):
         for name in INPUTS:
             self.register_buffer(f"{name}_scale", torch.ones(()))
         self.records: dict[str, RangeRecord] | None = None
+        self.enabled = True  # off while the sensitivity of other blocks is measured
 
     def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.records is not None:
             self.records[name].update(x)
+            return x
+        if not self.enabled:
             return x
         scale = float(getattr(self, f"{name}_scale"))
         qmin, qmax = (0, 255) if name == "probs" else (-128, 127)
@@ -145,6 +148,31 @@ def discover_attention(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> li
         raise UsageError("int8.attention: no attention layer calls transformers' attention interface "
                          "(this model or transformers version computes attention inside the layer)")
     return names
+
+
+def block_errors(model: nn.Module, quants: dict[str, AttentionQuant], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+    """``{attention module: relative output MSE}`` with only that block's attention quantized
+    (everything else as it is now), on ``batches``."""
+    def output(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        out = model(*inputs)
+        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+        return out.float()
+
+    for quant in quants.values():
+        quant.enabled = False
+    try:
+        with torch.inference_mode():
+            refs = [output(b) for b in batches]
+            errors = {}
+            for name, quant in quants.items():
+                quant.enabled = True
+                num = sum(float(((output(b) - r) ** 2).sum()) for b, r in zip(batches, refs))
+                errors[name] = num / max(sum(float((r**2).sum()) for r in refs), 1e-30)
+                quant.enabled = False
+    finally:
+        for quant in quants.values():
+            quant.enabled = True
+    return errors
 
 
 def attach_quantizers(model: nn.Module, names: list[str]) -> list[AttentionQuant]:
