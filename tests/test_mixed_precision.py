@@ -119,8 +119,8 @@ def test_layer_bytes_are_the_real_buffer_bytes() -> None:
     layers = dict(model.named_modules())
     predicted = fixed_bytes(model) + sum(layer_bytes(n, layers[n], p) for n, p in plan.items())
     assert predicted == _weight_bytes(q)
-    # int4 with groups of 32: half a byte per weight plus a 4-byte scale and half a byte of zero point per group.
-    assert layer_bytes("fc2", layers["fc2"], "int4/g32") == 96 * 128 // 2 + 96 * 4 * 4 + 96 * 2
+    # int4 with groups of 32: half a byte per weight plus a 2-byte (fp16) scale and half a byte of zero point per group.
+    assert layer_bytes("fc2", layers["fc2"], "int4/g32") == 96 * 128 // 2 + 96 * 4 * 2 + 96 * 2
 
 
 def test_sensitivity_orders_precisions_and_leaves_the_model_unchanged() -> None:

@@ -66,6 +66,7 @@ def export_onnx(
     merge_duplicate_nodes(proto.graph)
     share_conv_input_quantizers(proto.graph)
     hoist_quantize_above_maxpool(proto.graph)
+    store_block_scales_fp16(proto.graph)
     remove_unused_initializers(proto.graph)
     shorten_names(proto.graph)
     try:
@@ -273,6 +274,42 @@ def hoist_quantize_above_maxpool(graph: onnx.GraphProto) -> int:
         graph.node.insert(list(graph.node).index(dq) + 1, pool)
         moved += 1
     return moved
+
+
+_BLOCK_SCALE_INPUT = {"MatMulNBits": 2, "GatherBlockQuantized": 2}
+
+
+def store_block_scales_fp16(graph: onnx.GraphProto) -> int:
+    """Store the scales of ``MatMulNBits`` / ``GatherBlockQuantized`` as float16 plus a ``Cast``.
+
+    Both ops need scales of their float type (fp32 here); the exporter folds the modules' fp16
+    scale buffers into fp32 initializers. Only scales that fp16 holds exactly are converted, so
+    the file's values are unchanged; the runtime folds the ``Cast`` when it loads the model.
+    Returns the number of scale tensors converted.
+    """
+    inits = {i.name: i for i in graph.initializer}
+    casts, done = [], {}
+    for node in graph.node:
+        pos = _BLOCK_SCALE_INPUT.get(node.op_type)
+        if node.domain != "com.microsoft" or pos is None or len(node.input) <= pos:
+            continue
+        name = node.input[pos]
+        if name in done:
+            node.input[pos] = done[name]
+            continue
+        init = inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        graph.initializer.append(numpy_helper.from_array(half, f"{name}_fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}_fp16"], [f"{name}_fp32"], to=onnx.TensorProto.FLOAT))
+        done[name] = node.input[pos] = f"{name}_fp32"
+    for cast in reversed(casts):
+        graph.node.insert(0, cast)
+    return len(casts)
 
 
 def _custom_opsets(model: nn.Module) -> dict[str, int]:

@@ -79,7 +79,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor | None:
         q = module.weight_q.float()
         return q * module.weight_scale.float().reshape([-1] + [1] * (q.dim() - 1))
     if hasattr(module, "codes") and hasattr(module, "scales"):
-        return dequantize_groups(module.codes(), module.scales, module.zeros())
+        return dequantize_groups(module.codes(), module.scales.float(), module.zeros())
     if hasattr(module, "weight_packed") and hasattr(module, "scales"):
         # An n-bit embedding has no unpacking method of its own: looking up every row dequantizes it.
         return module(torch.arange(module.weight_packed.shape[0])).float()
