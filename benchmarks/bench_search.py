@@ -66,6 +66,14 @@ START = {
          "quantize": "weight_only", "weight_only.bits": 4, "weight_only.group_size": 32, "weight_only.method": "gptq"},
         {"prune": "prune_transformer", "recover": "none", "prune_transformer.heads_of_12": 3, "prune_transformer.ffn_ratio": 0.5,
          **INT8_STATIC, "int8.smoothquant": True, "int8.alpha": 0.85},
+        # Session 6: the int8-attention recipe, int4 at its largest group size, and a light FFN
+        # prune before int8 attention (docs/quantization.md, docs/pruning-structured.md).
+        {"prune": "none", **INT8_STATIC, "int8.smoothquant": True, "int8.alpha": 0.85, "int8.attention": True,
+         "int8.attention_float": 1},
+        {"prune": "none", "quantize": "weight_only", "weight_only.bits": 4, "weight_only.group_size": 128,
+         "weight_only.method": "gptq"},
+        {"prune": "prune_transformer", "recover": "none", "prune_transformer.heads_of_12": 0, "prune_transformer.ffn_ratio": 0.1,
+         **INT8_STATIC, "int8.smoothquant": True, "int8.alpha": 0.85, "int8.attention": True, "int8.attention_float": 0},
     ],
     "digits": [
         {"prune": "none", "recover": "none", **INT8_STATIC, "int8.smoothquant": False},

@@ -566,8 +566,11 @@ def test_int8_space_offers_attention_only_for_hugging_face_attention():
 
     bert, cnn = model_info("tokens", tiny_bert(2), trainable=True), model_info("digits", DigitsCNN(), trainable=True)
     assert bert.hf_attention and not cnn.hf_attention
-    params = {"int8.mode": "static", "int8.smoothquant": False, "int8.calibration": "minmax", "int8.attention": True}
+    params = {"int8.mode": "static", "int8.smoothquant": False, "int8.calibration": "minmax", "int8.attention": True,
+              "int8.attention_float": 1}
     steps = int8_space(optuna.trial.FixedTrial(params), bert)
-    assert isinstance(steps[-1], Int8Config) and steps[-1].attention
+    assert isinstance(steps[-1], Int8Config) and steps[-1].attention and steps[-1].attention_float == 1
+    off = int8_space(optuna.trial.FixedTrial({**params, "int8.attention": False}), bert)
+    assert not off[-1].attention and off[-1].attention_float == 0
     cnn_steps = int8_space(optuna.trial.FixedTrial({**params, "int8.float.features.0": False}), cnn)
     assert not cnn_steps[-1].attention

@@ -37,7 +37,10 @@ def int8_space(trial: TrialLike, info: ModelInfo) -> list | None:
     calibration = trial.suggest_categorical("int8.calibration", ["minmax", "percentile"])
     # Int8 attention matmuls: faster in OpenVINO, a little less accurate (docs/quantization.md).
     attention = info.hf_attention and trial.suggest_categorical("int8.attention", [False, True])
-    return [*steps, Int8Config(mode="static", calibration=calibration, exclude=exclude, attention=attention)]
+    # Keeping the most sensitive attention block float buys back most of attention's error.
+    kept = trial.suggest_categorical("int8.attention_float", [0, 1]) if attention else 0
+    return [*steps, Int8Config(mode="static", calibration=calibration, exclude=exclude, attention=attention,
+                               attention_float=kept)]
 
 
 @register_space("weight_only", slot="quantize", order=40)
