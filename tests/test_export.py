@@ -14,7 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from pared.apply import compress_
-from pared.onnx_export import export_onnx, fold_constant_quantize, remove_unused_initializers
+from pared.onnx_export import (
+    export_onnx,
+    fold_constant_quantize,
+    remove_unused_initializers,
+    store_block_scales_fp16,
+)
 from pared.quant import Int8Config, QuantLinear
 from pared.errors import UsageError
 from pared.runtime import OnnxRuntimeRunner, OpenVinoRunner, make_runner
@@ -270,6 +275,29 @@ def test_fold_constant_quantize_is_a_no_op_without_constants() -> None:
         [helper.make_tensor_value_info("Y", TensorProto.UINT8, [2])],
     )
     assert fold_constant_quantize(graph) == 0 and len(graph.node) == 1
+
+
+def test_block_scales_become_fp16_only_where_exact() -> None:
+    exact = np.array([0.5, 0.125, 3.0], np.float32)
+    inexact = np.array([0.1, 0.2, 0.3], np.float32)  # not representable in fp16
+    nodes = [
+        helper.make_node("MatMulNBits", ["X", "B", "S1", "Z"], ["Y1"], domain="com.microsoft", K=32, N=3, bits=4, block_size=32),
+        helper.make_node("MatMulNBits", ["X", "B", "S1", "Z"], ["Y2"], domain="com.microsoft", K=32, N=3, bits=4, block_size=32),
+        helper.make_node("MatMulNBits", ["X", "B", "S2", "Z"], ["Y3"], domain="com.microsoft", K=32, N=3, bits=4, block_size=32),
+        helper.make_node("Mul", ["X", "S1"], ["Y4"]),  # not a block-quantized op: untouched
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("Y1", "Y2", "Y3", "Y4")],
+        initializer=[numpy_helper.from_array(exact, "S1"), numpy_helper.from_array(inexact, "S2")],
+    )
+    assert store_block_scales_fp16(graph) == 1  # S1 once, though two nodes read it
+    casts = [n for n in graph.node if n.op_type == "Cast"]
+    assert len(casts) == 1 and graph.node[0] is casts[0]  # first, so it precedes its readers
+    half = {i.name: numpy_helper.to_array(i) for i in graph.initializer}["S1_fp16"]
+    assert half.dtype == np.float16 and np.array_equal(half.astype(np.float32), exact)
+    readers = [list(n.input) for n in graph.node if n.op_type != "Cast"]
+    assert readers[0][2] == readers[1][2] == casts[0].output[0] and readers[2][2] == "S2" and readers[3][1] == "S1"
 
 
 # ---------------------------------------------------------------- quantizer placement passes
