@@ -55,14 +55,19 @@ def _write(out: Path, model: nn.Module, version: int, *, overwrite: bool = True)
 
 def _fork(work: Callable[[], None]) -> int:
     """Run ``work`` in a child; its exit status is 0, the ParedError's code, 130 or 99."""
+    # SIGINT stays blocked across the fork until the child is inside its try: a Ctrl-C landing in
+    # the first bytecodes of the child would otherwise unwind into the inherited pytest session
+    # (seen once in CI: the child printed a pytest summary and died of SIGINT, status -2).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns into pytest
-        # The child inherits the whole pytest process. Without this, its garbage collector now
-        # and then finalized an inherited object that closed a descriptor the child was writing
-        # through (EBADF: exit 5 instead of 130, 2 of 25 runs under load; 0 of 30 with it).
-        gc.freeze()
         code = 99
         try:
+            # The child inherits the whole pytest process. Without this, its garbage collector now
+            # and then finalized an inherited object that closed a descriptor the child was writing
+            # through (EBADF: exit 5 instead of 130, 2 of 25 runs under load; 0 of 30 with it).
+            gc.freeze()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             work()
             code = 0
         except KeyboardInterrupt:
@@ -72,6 +77,7 @@ def _fork(work: Callable[[], None]) -> int:
             os.write(2, f"child {os.getpid()}: {type(exc).__name__}: {exc}\n".encode())  # shown on failure
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return pid
 
 
