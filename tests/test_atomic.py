@@ -51,10 +51,23 @@ def test_atomic_write_bytes_creates_and_replaces(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
-def test_atomic_write_bytes_missing_parent(tmp_path: Path) -> None:
-    with pytest.raises(EnvironmentIOError, match="parent directory does not exist") as info:
-        atomic_write_bytes(tmp_path / "no" / "f.bin", b"x")
+def test_missing_parents_are_created(tmp_path: Path) -> None:
+    atomic_write_bytes(tmp_path / "no" / "f.bin", b"x")
+    assert (tmp_path / "no" / "f.bin").read_bytes() == b"x"
+    with atomic_directory(tmp_path / "a" / "b" / "out") as tmp:
+        (tmp / "w").write_bytes(b"y")
+    assert (tmp_path / "a" / "b" / "out" / "w").read_bytes() == b"y"
+    assert _leftovers(tmp_path / "a" / "b") == []
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_file_in_the_way_of_the_parent_is_exit_5_and_writes_nothing(tmp_path: Path, below: str) -> None:
+    (tmp_path / "f").write_bytes(b"keep")
+    with pytest.raises(EnvironmentIOError, match="a file is in the way") as info:
+        atomic_write_bytes(tmp_path / "f" / below / "x.bin", b"x")
     assert info.value.exit_code == 5
+    assert (tmp_path / "f").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 def test_enospc_on_file_write_keeps_old_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

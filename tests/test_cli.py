@@ -69,7 +69,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 CASES: dict[str, list[str]] = {
-    "compress": ["compress", "--model", "digits", "--recipe", "int8", "--out", "{case}/out", "--rounds", "3"],
+    # Relative, under a parent that does not exist yet: the README's first command on a fresh clone.
+    "compress": ["compress", "--model", "digits", "--recipe", "int8", "--out", "out/digits-int8", "--rounds", "3"],
     "profile": ["profile", "--model", "digits", "--json", "--rounds", "3"],
     "recipes": ["recipes"],
     "help": ["--help"],
@@ -127,7 +128,7 @@ def _one_error_line(result: Result, *, progress_allowed: bool = False) -> str:
 def test_compress_digits_writes_every_artefact(runs: dict[str, Result], work: Path) -> None:
     result = runs["compress"]
     assert result.rc == 0, result.stderr
-    out = work / "compress" / "out"
+    out = work / "compress" / "out" / "digits-int8"
     assert sorted(p.name for p in out.iterdir()) == [
         "model.onnx", "model.safetensors", "pared.json", "report.json", "report.md"
     ]
@@ -137,7 +138,7 @@ def test_compress_digits_writes_every_artefact(runs: dict[str, Result], work: Pa
 
 def test_compress_report_json(runs: dict[str, Result], work: Path) -> None:
     assert runs["compress"].rc == 0
-    out = work / "compress" / "out"
+    out = work / "compress" / "out" / "digits-int8"
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     for side in ("baseline", "compressed"):
         r = report[side]
@@ -170,8 +171,8 @@ def test_compressed_artefact_loads(runs: dict[str, Result], work: Path) -> None:
     from pared.tasks import get_task
 
     assert runs["compress"].rc == 0
-    model = load_artefact(work / "compress" / "out")
-    report = json.loads((work / "compress" / "out" / "report.json").read_text(encoding="utf-8"))
+    model = load_artefact(work / "compress" / "out" / "digits-int8")
+    report = json.loads((work / "compress" / "out" / "digits-int8" / "report.json").read_text(encoding="utf-8"))
     acc = get_task("digits").evaluate(model)["accuracy"]
     assert abs(acc - report["compressed"]["metrics"]["accuracy"]) <= 0.5  # eager vs OpenVINO
 

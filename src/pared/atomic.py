@@ -172,9 +172,18 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 def _parent(path: Path) -> Path:
+    """The directory the temp file goes in, created like ``mkdir -p`` when missing: ``--out
+    out/run1`` on a fresh checkout must work. The parents are empty directories, never a
+    half-written artefact, so they are not rolled back on failure."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise EnvironmentIOError(f"parent directory does not exist: {parent}")
+    if parent.is_dir():
+        return parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EnvironmentIOError(f"cannot create directory {parent}: a file is in the way") from None
+    except OSError as exc:
+        raise EnvironmentIOError(f"cannot create directory {parent}: {exc.strerror or exc}") from None
     return parent
 
 

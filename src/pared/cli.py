@@ -34,7 +34,7 @@ MODEL_HELP = "Built-in name (minilm, digits, lenet300, lenet5), a package.module
 def compress(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name (see `pared recipes`) or a YAML file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite; missing parent folders are created)."),
     runtime: str = typer.Option("auto", help=RUNTIME_HELP),
     threads: int = typer.Option(2, help="Intra-op threads for every runtime measured."),
     batch: int = typer.Option(8, help="Batch size for latency, memory and energy."),
