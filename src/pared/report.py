@@ -15,7 +15,7 @@ def before_after_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]
         ("MACs per batch", f"{base['macs']:,}", f"{comp['macs']:,}", _ratio(comp["macs"], base["macs"])),
         ("latency p50 (ms)", f"{lat_b['p50']:.2f}", f"{lat_c['p50']:.2f}", _ratio(lat_c["p50"], lat_b["p50"])),
         ("latency p90 (ms)", f"{lat_b['p90']:.2f}", f"{lat_c['p90']:.2f}", _ratio(lat_c["p90"], lat_b["p90"])),
-        ("peak memory", _mb(base["peak_memory_bytes"]), _mb(comp["peak_memory_bytes"]), ""),
+        ("peak working memory", _mb(base["peak_memory_bytes"]), _mb(comp["peak_memory_bytes"]), ""),
         ("energy per batch (J)", f"{base['energy_j']['value']:.4f}", f"{comp['energy_j']['value']:.4f}",
          _ratio(comp["energy_j"]["value"], base["energy_j"]["value"])),
     ]
@@ -71,7 +71,9 @@ def measurement_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
                     f"after {lat['warmup']} warm-up calls, runners interleaved round-robin in one process."),
         ("Size", "bytes of the deployed file (fp32: safetensors state_dict; compressed: the artefact the runtime loads)."),
         ("MACs", "torch FLOP counter on each PyTorch model (int8 layers count as the float matmuls they replace)."),
-        ("Peak memory", f"{base['peak_memory_method']}."),
+        ("Peak working memory", f"{base['peak_memory_method']}: the rise in process memory during a few observed "
+                                 "calls, after warm-up calls. Memory a runtime holds from loading or warm-up (the weights, "
+                                 "buffers OpenVINO allocates once) is not in it, so a runtime that preallocates reads near 0."),
         ("Energy", f"{base['energy_j']['method']} (fp32) / {comp['energy_j']['method']} (compressed)."),
         ("Metrics", "the task's evaluation run through each runtime (the compressed figures come from the deployed artefact)."),
         *weights,
