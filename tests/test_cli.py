@@ -134,6 +134,7 @@ def test_compress_digits_writes_every_artefact(runs: dict[str, Result], work: Pa
     ]
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".pared-tmp")] == []
     assert "# pared report" in result.stdout and "wrote" in result.stdout
+    assert "| memory to load and run |" in result.stdout and "| peak working memory |" in result.stdout
 
 
 def test_compress_report_json(runs: dict[str, Result], work: Path) -> None:
@@ -150,6 +151,8 @@ def test_compress_report_json(runs: dict[str, Result], work: Path) -> None:
         assert 0 < lat["p50"] <= lat["p90"] and lat["batch"] == 8 and lat["threads"] == 2
         assert {"value", "method"} <= set(r["energy_j"]) and r["energy_j"]["value"] > 0
         assert 0 <= r["metrics"]["accuracy"] <= 100
+        assert isinstance(r["load_and_run_memory_bytes"], int) and r["load_and_run_memory_bytes"] >= 0
+        assert r["load_and_run_memory_method"] == "rss-sampled-load-and-run"
     assert report["baseline"]["latency_ms"]["runtime"] == "torch"
     assert report["compressed"]["latency_ms"]["runtime"] == "openvino"
     assert report["baseline"]["metrics"]["accuracy"] >= 97.0

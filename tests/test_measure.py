@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import sys
 import time
 import types
@@ -24,6 +26,7 @@ from pared.measure import (
     latency_from_samples,
     measure_energy_rapl,
     measure_latency,
+    load_and_run_memory_bytes,
     peak_memory_bytes,
     rapl_available,
 )
@@ -228,6 +231,35 @@ def test_peak_memory_torch_activations() -> None:
 def test_peak_memory_noop_is_small() -> None:
     peak, _ = peak_memory_bytes(lambda: None, ())
     assert 0 <= peak < 50 * MB
+
+
+def test_load_and_run_memory_counts_what_loading_keeps() -> None:
+    """A 64 MB module copied inside the measurement is charged for its weights; the same
+    module's working memory (peak_memory_bytes on the loaded module) is only its activations."""
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.Linear(4096, 4))  # 16.8 M params, 67 MB fp32
+    x = torch.randn(2, 4096)
+    calls: list[int] = []
+
+    def build() -> nn.Module:
+        copy_ = copy.deepcopy(model)
+        return lambda t: (calls.append(1), copy_(t))[1]
+
+    loaded, method = load_and_run_memory_bytes(build, (x,), calls=2)
+    assert method == "rss-sampled-load-and-run"
+    assert len(calls) == 2
+    assert 55 * MB <= loaded <= 200 * MB
+    working, _ = peak_memory_bytes(model, (x,))
+    assert working < 20 * MB
+
+
+def test_load_and_run_memory_of_a_runner_that_keeps_nothing_is_small() -> None:
+    loaded, _ = load_and_run_memory_bytes(lambda: (lambda: None), ())
+    assert 0 <= loaded < 50 * MB
+
+
+def test_load_and_run_memory_rejects_zero_calls() -> None:
+    with pytest.raises(UsageError):
+        load_and_run_memory_bytes(lambda: (lambda: None), (), calls=0)
 
 
 # ---------------------------------------------------------------- energy: estimate

@@ -198,6 +198,7 @@ def _compress_ratios(base: dict[str, Any], comp: dict[str, Any]) -> dict[str, fl
         "latency p90": (comp["latency_ms"]["p90"], base["latency_ms"]["p90"]),
         "energy": (comp["energy_j"]["value"], base["energy_j"]["value"]),
         "peak working memory": (comp["peak_memory_bytes"], base["peak_memory_bytes"]),
+        "memory to load and run": (comp.get("load_and_run_memory_bytes"), base.get("load_and_run_memory_bytes")),
         "params": (comp["params"], base["params"]),
     }
     return {k: a / b for k, (a, b) in pairs.items() if finite(a, b) and b}

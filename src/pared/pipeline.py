@@ -31,6 +31,7 @@ from pared.measure import (
     file_bytes,
     interleaved_latency,
     latency_from_samples,
+    load_and_run_memory_bytes,
     peak_memory_bytes,
 )
 from pared.measure.size import activation_bytes
@@ -126,7 +127,7 @@ def compress_task(
 
             # The entropy_code step already rounded the model to what the file stores.
             save_compressed(compressed, tmp / PRDC_FILE, half=False)
-        runners, onnx_paths = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
+        runners, onnx_paths, loaders = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
         step("evaluating the task metric (fp32 and compressed)")
         metrics = {"baseline": task.evaluate(runners["baseline"]), "compressed": task.evaluate(runners["compressed"])}
         if on_metrics is not None:
@@ -135,7 +136,7 @@ def compress_task(
         samples = interleaved_latency(runners, inputs, rounds=latency_rounds, warmup=3)
         step("measuring size, MACs, memory and energy")
         report = _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, samples, metrics,
-                         tmp, onnx_paths, runtime=runners["compressed"].runtime, threads=threads, batch=batch)
+                         tmp, onnx_paths, loaders, runtime=runners["compressed"].runtime, threads=threads, batch=batch)
         report["steps"] = ctx.summary
         report["strict"] = strict
         _quality_gate(task, report, max_drop, allow_regression)
@@ -145,12 +146,18 @@ def compress_task(
 
 
 def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Path, runtime: str, threads: int):
+    """The runners to time, the ONNX files written, and a loader per side for the load-and-run memory
+    figure (a torch loader copies the module, so its weights are allocated inside the measurement)."""
     names = task.input_names()
     runners: dict[str, Any] = {"baseline": make_runner("torch", model=fp32, threads=threads)}
+    loaders: dict[str, Callable[[], Any]] = {
+        "baseline": lambda: make_runner("torch", model=copy.deepcopy(fp32), threads=threads)
+    }
     paths: dict[str, Path] = {}
     if runtime == "torch":
         runners["compressed"] = make_runner("torch", model=compressed, threads=threads)
-        return runners, paths
+        loaders["compressed"] = lambda: make_runner("torch", model=copy.deepcopy(compressed), threads=threads)
+        return runners, paths, loaders
     paths["compressed"] = export_onnx(compressed, inputs, tmp / ONNX_FILE, input_names=names, dynamic_axes=task.dynamic_axes())
     if runtime == "auto":
         runtime = "onnxruntime" if uses_contrib_ops(paths["compressed"]) else "openvino"
@@ -159,12 +166,16 @@ def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Pa
     with tempfile.TemporaryDirectory() as scratch:
         fp32_onnx = export_onnx(fp32, inputs, Path(scratch) / "fp32.onnx", input_names=names, dynamic_axes=task.dynamic_axes())
         runners["fp32_same_runtime"] = make_runner(runtime, onnx_path=fp32_onnx, threads=threads, input_names=names)
-    runners["compressed"] = make_runner(runtime, onnx_path=paths["compressed"], threads=threads, input_names=names)
-    return runners, paths
+    def load_compressed() -> Any:
+        return make_runner(runtime, onnx_path=paths["compressed"], threads=threads, input_names=names)
+
+    runners["compressed"] = load_compressed()
+    loaders["compressed"] = load_compressed
+    return runners, paths, loaders
 
 
 def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, samples, metrics, tmp, onnx_paths,
-            *, runtime: str, threads: int, batch: int) -> dict[str, Any]:
+            loaders, *, runtime: str, threads: int, batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         fp32_file = Path(scratch) / "fp32.safetensors"
         save_file({k: v.contiguous() for k, v in fp32.state_dict().items()}, str(fp32_file))
@@ -179,6 +190,7 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
     report: dict[str, Any] = {"task": task.name, "primary_metric": task.primary_metric}
     for side, (model, run, rt, size, dtype) in sides.items():
         peak, mem_method = peak_memory_bytes(run, inputs)
+        loaded, load_method = load_and_run_memory_bytes(loaders[side], inputs)
         # counted on each model: low-rank, channel pruning and early exit change the arithmetic
         macs = count_macs(model, inputs)
         energy = energy_per_inference(run, inputs, macs=macs, mac_dtype=dtype, weight_bytes=size, activation_bytes=act_bytes)
@@ -189,6 +201,8 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
             "latency_ms": latency_from_samples(samples[side], runtime=rt, batch=batch, threads=threads, warmup=3).to_dict(),
             "peak_memory_bytes": peak,
             "peak_memory_method": mem_method,
+            "load_and_run_memory_bytes": loaded,
+            "load_and_run_memory_method": load_method,
             "energy_j": energy.to_dict(),
             "metrics": metrics[side],
         }

@@ -19,6 +19,9 @@ def before_after_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]
         ("energy per batch (J)", f"{base['energy_j']['value']:.4f}", f"{comp['energy_j']['value']:.4f}",
          _ratio(comp["energy_j"]["value"], base["energy_j"]["value"])),
     ]
+    if "load_and_run_memory_bytes" in base and "load_and_run_memory_bytes" in comp:  # absent before 2026-11-25
+        b, c = base["load_and_run_memory_bytes"], comp["load_and_run_memory_bytes"]
+        rows.insert(5, ("memory to load and run", _mb(b), _mb(c), _ratio(c, b)))
     for key in base["metrics"]:
         b, c = base["metrics"][key], comp["metrics"].get(key, float("nan"))
         rows.append((f"metric: {key}", f"{b:.4f}", f"{c:.4f}", f"{c - b:+.4f}"))
@@ -74,6 +77,11 @@ def measurement_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("Peak working memory", f"{base['peak_memory_method']}: the rise in process memory during a few observed "
                                  "calls, after warm-up calls. Memory a runtime holds from loading or warm-up (the weights, "
                                  "buffers OpenVINO allocates once) is not in it, so a runtime that preallocates reads near 0."),
+        *([("Memory to load and run", f"{base['load_and_run_memory_method']}: the highest process memory while the "
+                                        "model is loaded (fp32: its module copied; compressed: its file read and compiled by the "
+                                        "runtime) and run 3 times, minus the memory before: weights, runtime buffers and "
+                                        "activations together.")]
+          if "load_and_run_memory_method" in base else []),
         ("Energy", f"{base['energy_j']['method']} (fp32) / {comp['energy_j']['method']} (compressed)."),
         ("Metrics", "the task's evaluation run through each runtime (the compressed figures come from the deployed artefact)."),
         *weights,

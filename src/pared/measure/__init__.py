@@ -18,7 +18,7 @@ from pared.measure.latency import (
     measure_latency,
 )
 from pared.measure.macs import count_macs
-from pared.measure.memory import peak_memory_bytes
+from pared.measure.memory import load_and_run_memory_bytes, peak_memory_bytes
 from pared.measure.size import count_params, file_bytes
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "file_bytes",
     "interleaved_latency",
     "latency_from_samples",
+    "load_and_run_memory_bytes",
     "measure_energy_rapl",
     "measure_latency",
     "peak_memory_bytes",

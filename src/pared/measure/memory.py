@@ -25,6 +25,8 @@ from pared.measure.latency import _inference_context
 
 METHOD_RSS = "rss-sampled-delta"
 METHOD_CUDA = "cuda-max-allocated"
+METHOD_LOAD_RSS = "rss-sampled-load-and-run"
+METHOD_LOAD_CUDA = "cuda-max-allocated-load-and-run"
 
 _SAMPLE_INTERVAL_S = 0.001
 _PROC_STATUS = Path("/proc/self/status")
@@ -70,6 +72,65 @@ def peak_memory_bytes(
     if device is not None:
         return _cuda_peak(run, inputs, repeats, device), METHOD_CUDA
     return _rss_peak(run, inputs, repeats), METHOD_RSS
+
+
+def load_and_run_memory_bytes(
+    build: Callable[[], Callable[..., Any]], inputs: tuple[Any, ...], *, calls: int = 3
+) -> tuple[int, str]:
+    """Measure the memory it takes to load a model and run it: its deployment footprint.
+
+    ``build()`` loads the model and returns a runner (read an ONNX file and compile it, or copy
+    a module's weights), which then runs ``calls`` times. The figure is the highest process RSS
+    seen meanwhile (sampled about every millisecond, plus the kernel's ``VmHWM`` when it rose)
+    minus the RSS just before ``build()``, after garbage collection and ``malloc_trim``. Unlike
+    :func:`peak_memory_bytes` it includes the weights, the runtime's buffers for them and what
+    the first calls allocate, so a runtime that preallocates everything is charged for it.
+    The runner is dropped before returning.
+
+    With an input on a CUDA device the figure is ``torch.cuda.max_memory_allocated`` over the
+    same span minus ``memory_allocated`` before (torch tensors only).
+
+    Args:
+        build: makes the runner; everything it allocates and keeps counts.
+        inputs: the runner's positional arguments.
+        calls: runs after loading; the first calls of some runtimes allocate their buffers.
+
+    Returns:
+        ``(bytes, method)``; never negative.
+
+    Raises:
+        UsageError: ``calls`` < 1.
+    """
+    if calls < 1:
+        raise UsageError(f"need calls >= 1, got {calls}")
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda), None)
+    if device is not None:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        _load_and_run(build, inputs, calls)
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - baseline), METHOD_LOAD_CUDA
+    gc.collect()
+    _release_free_heap()
+    sampler = _RssSampler()
+    hwm_before = _vm_hwm_bytes()
+    baseline = sampler.process.memory_info().rss
+    with sampler:
+        _load_and_run(build, inputs, calls)
+    peak = sampler.peak
+    hwm_after = _vm_hwm_bytes()
+    if hwm_before is not None and hwm_after is not None and hwm_after > hwm_before:
+        peak = max(peak, hwm_after)
+    gc.collect()
+    return max(0, peak - baseline), METHOD_LOAD_RSS
+
+
+def _load_and_run(build: Callable[[], Callable[..., Any]], inputs: tuple[Any, ...], calls: int) -> None:
+    runner = build()
+    with _inference_context(inputs):
+        for _ in range(calls):
+            runner(*inputs)
 
 
 def _rss_peak(run: Callable[..., Any], inputs: tuple[Any, ...], repeats: int) -> int:
