@@ -188,6 +188,7 @@ def test_profile_json(runs: dict[str, Result]) -> None:
     assert data["params"] == sum(p.numel() for p in DigitsCNN().parameters())
     assert data["latency_ms"]["p50"] > 0 and data["latency_ms"]["runs"] == 3
     assert data["metrics"]["accuracy"] >= 97.0
+    assert data["load_and_run_memory_method"] == "rss-sampled-load-and-run" and data["load_and_run_memory_bytes"] >= 0
 
 
 def test_recipes_and_help(runs: dict[str, Result]) -> None:

@@ -78,7 +78,7 @@ def profile(
     trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files."),
     non_strict: bool = typer.Option(False, "--non-strict", help="Load only the --weights that fit the factory's model and list the rest (default: refuse, exit 3)."),
 ) -> None:
-    """Measure a float model: parameters, size, MACs, latency, peak memory, energy and its task metric."""
+    """Measure a float model: parameters, size, MACs, latency, memory (to load and run; peak working), energy and its task metric."""
     from pared.profile import profile_task
 
     task, _ = _task_for(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle,
@@ -88,7 +88,7 @@ def profile(
         typer.echo(json.dumps(result, indent=2, default=float))
         return
     for key, value in result.items():
-        typer.echo(f"{key:>20}: {value}")
+        typer.echo(f"{key:>26}: {value}")
 
 
 @app.command()
