@@ -58,7 +58,8 @@ class SyntheticEvaluator:
             on_metrics(metrics)
         ratio = 0.05 + 0.5 * (1.0 - h)
         side = lambda ms, size, m: {"metrics": m, "latency_ms": {"p50": ms}, "size_bytes": size,  # noqa: E731
-                                    "macs": 1000, "energy_j": {"value": ms * 1e-3}}
+                                    "macs": 1000, "energy_j": {"value": ms * 1e-3},
+                                    "load_and_run_memory_bytes": 3 * size}
         report = {"primary_metric": "accuracy", "task": "digits",
                   "baseline": side(1.0, 100_000, metrics["baseline"]),
                   "compressed": side(ratio, int(100_000 * ratio), metrics["compressed"]),

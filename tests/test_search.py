@@ -100,6 +100,19 @@ def test_objectives_constraints_and_durations():
     assert pareto_indices([[1.0, 0.5], [0.9, 0.1], [0.8, 0.6], [1.0, 0.5]], dirs) == [0, 1, 3]
 
 
+
+def test_memory_is_an_objective_and_a_constraint(tmp_path):
+    objs = parse_objectives(["metric", "memory"], ["accuracy"], "accuracy")
+    assert [(o.name, o.direction) for o in objs] == [("accuracy", "maximize"), ("memory_bytes", "minimize")]
+    doc = search(spec(tmp_path, trials=8, sampler="random", objectives=("metric", "memory"),
+                      constraints=("memory_bytes <= 90000",)), evaluator=SyntheticEvaluator())
+    done = [r for r in doc["trials"] if r["state"] == "COMPLETE"]
+    assert done
+    for r in done:  # the synthetic report's memory is 3x its file size
+        assert r["metrics"]["memory_bytes"] == 3 * r["metrics"]["size_bytes"]
+        assert r["feasible"] == (r["metrics"]["memory_bytes"] <= 90_000)
+    assert {r["feasible"] for r in done} == {True, False}, "the bound should split this sample"
+
 # ---------------------------------------------------------------------------- extension
 
 

@@ -105,8 +105,8 @@ def recipes() -> None:
 def search(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Search folder: study.db, search.json, pareto.md, recipes/, points/."),
-    objective: list[str] = typer.Option(["metric", "latency"], help="Objective metric (repeat): metric, latency, size, macs, energy, or any metric name."),
-    constraint: list[str] = typer.Option([], help="Constraint (repeat), e.g. 'metric_drop <= 0.01', 'metric_drop <= 1%', 'latency_ratio <= 0.2'."),
+    objective: list[str] = typer.Option(["metric", "latency"], help="Objective metric (repeat): metric, latency, size, macs, energy, memory, or any metric name."),
+    constraint: list[str] = typer.Option([], help="Constraint (repeat), e.g. 'metric_drop <= 0.01', 'metric_drop <= 1%', 'latency_ratio <= 0.2', 'memory_bytes <= 100e6'."),
     techniques: Optional[str] = typer.Option(None, help="Comma-separated techniques to search (default: every one that applies)."),
     trials: Optional[int] = typer.Option(50, help="Trial budget of the study (killed-and-retried trials count once)."),
     time_budget: Optional[str] = typer.Option(None, help="Wall-clock budget of this run: 90s, 15m, 1h (bare number: minutes)."),
@@ -129,7 +129,7 @@ def search(
     input_shape: Optional[str] = typer.Option(None, help="Input shape for a bare-module factory, e.g. 1,3,32,32."),
     trust_pickle: bool = typer.Option(False, help="Allow pickle-based weight files."),
 ) -> None:
-    """Search recipes for the best trade-offs (task metric, latency, size, MACs, energy) under constraints."""
+    """Search recipes for the best trade-offs (task metric, latency, size, MACs, energy, memory) under constraints."""
     from pared.search import SearchSpec
     from pared.search import search as run_search
     from pared.search.cli_support import parse_duration, run_backend

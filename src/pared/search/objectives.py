@@ -6,7 +6,8 @@ Metric names a search may use:
 - ``metric_drop``: baseline minus compressed primary metric, both measured in the trial's run;
 - ``latency_ms`` (p50 of the compressed model) and ``latency_ratio`` (against fp32 PyTorch eager
   timed interleaved in the same run), ``size_bytes`` / ``size_ratio`` (the deployed file),
-  ``macs``, ``energy_j``: lower is better.
+  ``macs``, ``energy_j``, ``memory_bytes`` (memory to load and run the deployed file in its
+  runtime, weights included): lower is better.
 
 A constraint is ``"<name> <=|>= <number>[%]"``; ``%`` makes ``metric_drop`` relative to the
 baseline value (``metric_drop <= 1%``).
@@ -22,8 +23,9 @@ from typing import Any
 
 from pared.errors import UsageError
 
-LOWER_IS_BETTER = ("metric_drop", "latency_ms", "latency_ratio", "size_bytes", "size_ratio", "macs", "energy_j")
-ALIASES = {"latency": "latency_ratio", "size": "size_bytes", "energy": "energy_j"}
+LOWER_IS_BETTER = ("metric_drop", "latency_ms", "latency_ratio", "size_bytes", "size_ratio", "macs", "energy_j",
+                   "memory_bytes")
+ALIASES = {"latency": "latency_ratio", "size": "size_bytes", "energy": "energy_j", "memory": "memory_bytes"}
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*(%?)\s*$")
 
 
@@ -64,7 +66,8 @@ def known_metrics(task_metrics: Sequence[str]) -> list[str]:
 
 def parse_objectives(names: Sequence[str], task_metrics: Sequence[str], primary: str) -> list[Objective]:
     """Objectives from names (``metric`` is the primary task metric; ``latency``, ``size`` and
-    ``energy`` are short for ``latency_ratio``, ``size_bytes`` and ``energy_j``).
+    ``energy`` and ``memory`` are short for ``latency_ratio``, ``size_bytes``, ``energy_j`` and
+    ``memory_bytes``).
 
     Raises:
         UsageError: no objective, a repeated one, or a name that is not a known metric.
@@ -122,6 +125,8 @@ def metrics_from_report(report: dict[str, Any]) -> dict[str, float]:
         "macs": int(comp["macs"]),
         "energy_j": float(comp["energy_j"]["value"]),
     })
+    if "load_and_run_memory_bytes" in comp:  # reports written before 2026-11-25 lack it
+        out["memory_bytes"] = int(comp["load_and_run_memory_bytes"])
     return out
 
 
