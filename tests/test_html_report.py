@@ -310,6 +310,25 @@ def test_renders_the_folder_pared_search_itself_writes(tmp_path: Path) -> None:
     assert summary["counts"]["pareto"] == len(front) and summary["counts"]["COMPLETE"] + summary["counts"]["PRUNED"] == 5
 
 
+
+def test_a_memory_search_plots_and_tables_memory(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from search_synthetic import SyntheticEvaluator  # reports memory to load and run = 3x the file size
+
+    from pared.search import SearchSpec, search
+
+    doc = search(SearchSpec(model="digits", out=str(tmp_path / "s"), trials=5, sampler="random", seed=1,
+                            objectives=("metric", "memory"), constraints=("memory_bytes <= 150000",)),
+                 evaluator=SyntheticEvaluator())
+    assert doc["baseline"]["memory_bytes"] == 300_000  # the synthetic fp32 file is 100 kB
+    write_report(tmp_path / "s")
+    page = (tmp_path / "s" / "report.html").read_text(encoding="utf-8")
+    assert _figures(page)[:4] == ["pareto-latency_ratio", "pareto-size_bytes", "pareto-energy_j", "pareto-memory_bytes"]
+    table = re.search(r'<table data-table="before-after">.*?</table>', page, re.S).group(0)
+    assert "memory to load and run (bytes)" in table and "300,000" in table
+    markdown = (tmp_path / "s" / "report.md").read_text(encoding="utf-8")
+    assert "| memory to load and run (bytes) |" in markdown
+
 def test_a_broken_pareto_point_folder_does_not_hide_the_search(tmp_path: Path) -> None:
     doc = _small_search()
     doc["trials"][2]["artefact"] = "points/trial-0002"

@@ -28,7 +28,12 @@ PARETO_AXES = (
     ("size_bytes", "size on disk (bytes)"),
     ("energy_j", "energy per batch (J)"),
 )
-COST_KEYS = {"latency_ms", "latency_ratio", "size_bytes", "size_ratio", "macs", "energy_j"}
+COST_KEYS = {"latency_ms", "latency_ratio", "size_bytes", "size_ratio", "macs", "energy_j", "memory_bytes"}
+# Cost objectives a search may use beyond PARETO_AXES: plotted and tabled only when chosen.
+EXTRA_AXES = {
+    "memory_bytes": "memory to load and run (bytes)",
+    "macs": "MACs per batch",
+}
 _SAFE_LINK = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 

@@ -18,6 +18,7 @@ from pared.errors import InputRefused
 from pared.html_page import Figure, Page, Raw, md_table
 from pared.html_report import (
     COST_KEYS,
+    EXTRA_AXES,
     PARETO_AXES,
     add_weight_figures,
     load_json,
@@ -48,12 +49,13 @@ def render_search(directory: Path, doc: dict[str, Any]) -> tuple[str, str, dict[
     page.paragraph(summary_line)
     page.paragraph(f"Objectives: {objectives}. Constraints: {constraints}.")
 
+    extra = _extra_costs(doc)
     page.heading("Pareto front")
-    for key, label in PARETO_AXES:
+    for key, label in [*PARETO_AXES, *((k, EXTRA_AXES[k]) for k in extra)]:
         _pareto_figure(page, trials, peers, base, key, label, metric, maximize)
 
     page.heading("Before / after: fp32, the Pareto points and the peers")
-    header, rows, classes = _point_table(directory, page, base, chosen, peers, metric)
+    header, rows, classes = _point_table(directory, page, base, chosen, peers, metric, extra)
     page.table("before-after", header, rows, row_classes=classes)
 
     page.heading("Per-layer sensitivity")
@@ -75,9 +77,11 @@ def render_search(directory: Path, doc: dict[str, Any]) -> tuple[str, str, dict[
         add_weight_figures(page, point_report.get("weights"), source=f"trial {point['number']}'s compress run")
 
     page.heading("All trials")
-    page.table("trials", ["trial", "state", metric, "latency ratio", "size (bytes)", "energy (J)", "feasible", "Pareto", "error"],
+    page.table("trials", ["trial", "state", metric, "latency ratio", "size (bytes)", "energy (J)",
+                          *(EXTRA_AXES[k] for k in extra), "feasible", "Pareto", "error"],
                [(t["number"], t["state"], _metric(t, metric), _metric(t, "latency_ratio"), _metric(t, "size_bytes"),
-                 _metric(t, "energy_j"), t.get("feasible"), t.get("pareto"), t.get("error") or "") for t in trials],
+                 _metric(t, "energy_j"), *(_metric(t, k) for k in extra), t.get("feasible"), t.get("pareto"),
+                 t.get("error") or "") for t in trials],
                collapsed=f"{len(trials)} trials (click to expand)")
 
     page.heading("How each figure was measured")
@@ -156,24 +160,39 @@ def _axis_method(key: str) -> str:
         "latency_ratio": "each trial's p50 latency divided by the fp32 p50 measured interleaved in the same compress run",
         "size_bytes": "bytes of the file the runtime loads (ONNX, .prdc or safetensors) in each trial's compress run",
         "energy_j": "energy per batch from each trial's compress run (measured RAPL/NVML where readable, else estimated)",
+        "memory_bytes": "highest process memory while each trial's compress run loaded the deployed file in its runtime "
+                        "and ran it 3 times, minus the memory before",
+        "macs": "multiply-accumulates per batch counted by torch's FLOP counter on each trial's compressed model",
     }[key]
 
 
+def _extra_costs(doc: dict[str, Any]) -> list[str]:
+    """Cost metrics beyond the standard axes that the search optimised or constrained, in order."""
+    named = [o["name"] for o in doc["objectives"]]
+    for c in doc.get("constraints") or []:
+        match = re.match(r"\s*([A-Za-z_][\w.]*)", str(c))
+        if match:
+            named.append(match.group(1))
+    return [k for k in EXTRA_AXES if k in named]
+
+
 def _point_table(directory: Path, page: Page, base: dict[str, Any], chosen: list[dict[str, Any]],
-                 peers: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[Any]], list[str]]:
+                 peers: list[dict[str, Any]], metric: str, extra: list[str]) -> tuple[list[str], list[list[Any]], list[str]]:
     header = ["point", metric, "latency (ms)", "latency ratio", "size (bytes)", "size ratio", "energy (J)",
-              "feasible", "recipe", "artefact", "params"]
+              *(EXTRA_AXES[k] for k in extra), "feasible", "recipe", "artefact", "params"]
     rows: list[list[Any]] = [["fp32 baseline", _baseline_metric(base, metric), number(base.get("latency_ms")), 1.0,
-                              number(base.get("size_bytes")), 1.0, number(base.get("energy_j")), "", "", "", ""]]
+                              number(base.get("size_bytes")), 1.0, number(base.get("energy_j")),
+                              *(number(base.get(k)) for k in extra), "", "", "", ""]]
     classes = ["baseline"]
     for t in chosen:
-        rows.append([f"trial {t['number']}", *_value_cells(t, metric), t.get("feasible"),
+        rows.append([f"trial {t['number']}", *_value_cells(t, metric), *(_metric(t, k) for k in extra), t.get("feasible"),
                      page.link(safe_link(directory, t.get("recipe")), t.get("recipe") or ""),
                      page.link(safe_link(directory, t.get("artefact")), t.get("artefact") or ""),
                      ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())])
         classes.append("pareto")
     for p in peers:
-        rows.append([f"peer: {p.get('name', '?')}", *_value_cells(p, metric), "", "", "", ""])
+        rows.append([f"peer: {p.get('name', '?')}", *_value_cells(p, metric), *(_metric(p, k) for k in extra),
+                     "", "", "", ""])
         classes.append("peer")
     return header, rows, classes
 

@@ -34,8 +34,11 @@ def trial_name(number: int) -> str:
 def baseline_of(report: dict[str, Any]) -> dict[str, Any]:
     """The fp32 figures a trial's report measured in its own run."""
     base = report["baseline"]
-    return {"latency_ms": float(base["latency_ms"]["p50"]), "size_bytes": int(base["size_bytes"]),
-            "macs": int(base["macs"]), "energy_j": float(base["energy_j"]["value"])}
+    out = {"latency_ms": float(base["latency_ms"]["p50"]), "size_bytes": int(base["size_bytes"]),
+           "macs": int(base["macs"]), "energy_j": float(base["energy_j"]["value"])}
+    if "load_and_run_memory_bytes" in base:  # reports written before 2026-11-25 lack it
+        out["memory_bytes"] = int(base["load_and_run_memory_bytes"])
+    return out
 
 
 def record_peers(study: optuna.Study, peers: list[dict[str, Any]]) -> None:
@@ -134,13 +137,17 @@ def _trial_row(t: FrozenTrial, front: set[int], out: Path, gone: set[int]) -> di
 
 
 def _baseline(stored: dict[str, Any], finished: list[FrozenTrial]) -> dict[str, Any]:
-    """fp32 figures: task metrics from before the trials; latency the median over trials' runs."""
+    """fp32 figures: task metrics from before the trials; latency, energy and memory the median
+    over the trials' runs."""
     runs = [t.user_attrs["baseline"] for t in finished if "baseline" in t.user_attrs]
     out: dict[str, Any] = {"metrics": stored["metrics"], "latency_ms": None, "size_bytes": None, "macs": None, "energy_j": None}
     if runs:
         out["latency_ms"] = statistics.median(r["latency_ms"] for r in runs)
         out.update({k: runs[0][k] for k in ("size_bytes", "macs")})
         out["energy_j"] = statistics.median(r["energy_j"] for r in runs)
+        memory = [r["memory_bytes"] for r in runs if "memory_bytes" in r]
+        if memory:
+            out["memory_bytes"] = statistics.median(memory)
     return out
 
 
