@@ -187,6 +187,7 @@ SAFETENSORS_ATTACKS = {
         f"'a'.*needs {HUGE} bytes",
     ),
     "unknown dtype": (dict(header={"a": _entry(0, 8, dtype="Q7")}, data=bytes(8)), "'Q7'"),
+    "dtype not a string": (dict(header={"a": _entry(0, 8, dtype=["F32"])}, data=bytes(8)), r"unknown dtype \['F32'\]"),
     "negative dim": (dict(header={"a": _entry(0, 8, [-2])}, data=bytes(8)), "'a'.*non-negative"),
 }
 

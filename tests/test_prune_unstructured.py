@@ -286,7 +286,7 @@ def test_sparse_encoding_is_bit_exact() -> None:
 def test_tampered_sparse_manifest_is_refused() -> None:
     tensors, sparse = sparse_encode({"w": torch.zeros(100).index_fill_(0, torch.tensor([3]), 1.0)})
     for bad in ({"w": {"shape": [50], "dtype": "float32"}}, {"w": {"shape": [100], "dtype": "int8"}},
-                {"w": {"shape": "100", "dtype": "float32"}}, {}, [1]):
+                {"w": {"shape": "100", "dtype": "float32"}}, {"w": {"shape": [100], "dtype": []}}, {}, [1]):
         with pytest.raises(InputRefused, match="x.safetensors"):
             sparse_decode(tensors, bad, source=Path("x.safetensors"))
 

@@ -192,7 +192,7 @@ def sparse_decode(tensors: dict[str, torch.Tensor], sparse: Any, *, source: Path
     out = dict(tensors)
     for name, meta in sparse.items():
         bad = f"{source}: sparse tensor {name!r}"
-        if not isinstance(meta, dict) or meta.get("dtype") not in _SPARSE_DTYPES:
+        if not isinstance(meta, dict) or not isinstance(meta.get("dtype"), str) or meta["dtype"] not in _SPARSE_DTYPES:
             raise InputRefused(f"{bad} has no valid dtype in the manifest")
         shape = meta.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):

@@ -284,7 +284,7 @@ def _span(bad: str, name: str, entry: Any) -> tuple[int, int, str]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InputRefused(f"{bad}: tensor '{name}' needs exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise InputRefused(f"{bad}: tensor '{name}' has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InputRefused(f"{bad}: tensor '{name}' shape {shape!r} is not non-negative ints")
