@@ -135,6 +135,8 @@ def test_compress_digits_writes_every_artefact(runs: dict[str, Result], work: Pa
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".pared-tmp")] == []
     assert "# pared report" in result.stdout and "wrote" in result.stdout
     assert "| memory to load and run |" in result.stdout and "| peak working memory |" in result.stdout
+    assert re.search(r"fp32 exported to openvino: p50 [\d.]+ ms, so compression alone gives [\d.]+x of the runtime's "
+                     r"own fp32 latency; memory to load and run [\d.]+ [kM]B, so [\d.]+x of its fp32 memory\.", result.stdout)
 
 
 def test_compress_report_json(runs: dict[str, Result], work: Path) -> None:
@@ -155,6 +157,7 @@ def test_compress_report_json(runs: dict[str, Result], work: Path) -> None:
         assert r["load_and_run_memory_method"] == "rss-sampled-load-and-run"
     assert report["baseline"]["latency_ms"]["runtime"] == "torch"
     assert report["compressed"]["latency_ms"]["runtime"] == "openvino"
+    assert report["fp32_same_runtime"]["load_and_run_memory_bytes"] >= 0
     assert report["baseline"]["metrics"]["accuracy"] >= 97.0
     drop = report["baseline"]["metrics"]["accuracy"] - report["compressed"]["metrics"]["accuracy"]
     assert drop <= 0.3

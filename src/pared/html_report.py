@@ -19,7 +19,7 @@ from pared.atomic import atomic_write_text
 from pared.errors import EnvironmentIOError, InputRefused, ParedError, UsageError
 from pared.html_page import Figure, Page, fmt, md_table
 from pared.plots import finite
-from pared.report import before_after_rows, measurement_notes, render_markdown
+from pared.report import before_after_rows, measurement_notes, render_markdown, same_runtime_sentence
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
 # Costs a search can plot the metric against: (key in a trial's metrics, axis label).
@@ -138,9 +138,7 @@ def render_compress(directory: Path, report: dict[str, Any]) -> tuple[str, str]:
     page.table("before-after", ["", f"fp32 ({lat_b['runtime']})", f"compressed ({lat_c['runtime']})", "change"],
                before_after_rows(report))
     if "fp32_same_runtime" in report:
-        same = report["fp32_same_runtime"]["latency_ms"]["p50"]
-        page.paragraph(f"fp32 exported to {lat_c['runtime']}: p50 {fmt(same)} ms; the compressed model takes "
-                       f"{fmt(lat_c['p50'] / same)}x of that, so this is what compression adds over the runtime alone.")
+        page.paragraph(same_runtime_sentence(report))
     if "quality_gate" in report:
         gate = report["quality_gate"]
         page.paragraph(f"Quality gate on {gate['metric']} (max drop {gate['max_drop']}): "

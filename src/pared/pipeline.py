@@ -8,6 +8,7 @@ from compression gains), and the compressed artefact in that runtime, timed inte
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import tempfile
 import time
@@ -119,7 +120,8 @@ def compress_task(
     step("applying the recipe")
     ctx = Context(calib=task.calibration(), task=task)
     compressed = compress_(copy.deepcopy(fp32), recipe, context=ctx)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    # scratch holds the fp32 ONNX file, which the memory measurement loads again after timing.
+    with tempfile.TemporaryDirectory(prefix="pared-fp32-") as scratch, atomic_directory(out_dir, overwrite=overwrite) as tmp:
         step("exporting artefacts")
         save_artefact(compressed, tmp, recipe=recipe, source=source, structure=ctx.structure)
         if "entropy_code" in techniques:
@@ -127,7 +129,7 @@ def compress_task(
 
             # The entropy_code step already rounded the model to what the file stores.
             save_compressed(compressed, tmp / PRDC_FILE, half=False)
-        runners, onnx_paths, loaders = _runners(task, fp32, compressed, inputs, tmp, runtime, threads)
+        runners, onnx_paths, loaders = _runners(task, fp32, compressed, inputs, tmp, Path(scratch), runtime, threads)
         step("evaluating the task metric (fp32 and compressed)")
         metrics = {"baseline": task.evaluate(runners["baseline"]), "compressed": task.evaluate(runners["compressed"])}
         if on_metrics is not None:
@@ -145,7 +147,8 @@ def compress_task(
     return report
 
 
-def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Path, runtime: str, threads: int):
+def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Path, scratch: Path, runtime: str,
+             threads: int):
     """The runners to time, the ONNX files written, and a loader per side for the load-and-run memory
     figure (a torch loader copies the module, so its weights are allocated inside the measurement)."""
     names = task.input_names()
@@ -163,14 +166,10 @@ def _runners(task: Task, fp32: nn.Module, compressed: nn.Module, inputs, tmp: Pa
         runtime = "onnxruntime" if uses_contrib_ops(paths["compressed"]) else "openvino"
     elif runtime.startswith("openvino") and uses_contrib_ops(paths["compressed"]):
         raise UsageError("this recipe exports ONNX Runtime contrib ops (int4 MatMulNBits) that OpenVINO cannot run: use --runtime onnxruntime or auto")
-    with tempfile.TemporaryDirectory() as scratch:
-        fp32_onnx = export_onnx(fp32, inputs, Path(scratch) / "fp32.onnx", input_names=names, dynamic_axes=task.dynamic_axes())
-        runners["fp32_same_runtime"] = make_runner(runtime, onnx_path=fp32_onnx, threads=threads, input_names=names)
-    def load_compressed() -> Any:
-        return make_runner(runtime, onnx_path=paths["compressed"], threads=threads, input_names=names)
-
-    runners["compressed"] = load_compressed()
-    loaders["compressed"] = load_compressed
+    fp32_onnx = export_onnx(fp32, inputs, scratch / "fp32.onnx", input_names=names, dynamic_axes=task.dynamic_axes())
+    for side, path in (("fp32_same_runtime", fp32_onnx), ("compressed", paths["compressed"])):
+        loaders[side] = functools.partial(make_runner, runtime, onnx_path=path, threads=threads, input_names=names)
+        runners[side] = loaders[side]()
     return runners, paths, loaders
 
 
@@ -207,8 +206,11 @@ def _report(task, recipe, recipe_name, fp32, compressed, inputs, runners, sample
             "metrics": metrics[side],
         }
     if "fp32_same_runtime" in samples:
+        same_memory, same_method = load_and_run_memory_bytes(loaders["fp32_same_runtime"], inputs)
         report["fp32_same_runtime"] = {
-            "latency_ms": latency_from_samples(samples["fp32_same_runtime"], runtime=runtime, batch=batch, threads=threads, warmup=3).to_dict()
+            "latency_ms": latency_from_samples(samples["fp32_same_runtime"], runtime=runtime, batch=batch, threads=threads, warmup=3).to_dict(),
+            "load_and_run_memory_bytes": same_memory,
+            "load_and_run_memory_method": same_method,
         }
     base, comp = report["baseline"], report["compressed"]
     report["ratios"] = {

@@ -28,6 +28,19 @@ def before_after_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]
     return rows
 
 
+def same_runtime_sentence(report: dict[str, Any]) -> str:
+    """What compression adds over exporting the fp32 model to the same runtime: latency, and memory
+    to load and run where the report has it (reports before 2026-11-25 do not)."""
+    same, comp = report["fp32_same_runtime"], report["compressed"]
+    runtime = comp["latency_ms"]["runtime"]
+    text = (f"fp32 exported to {runtime}: p50 {same['latency_ms']['p50']:.2f} ms, so compression alone gives "
+            f"{_ratio(comp['latency_ms']['p50'], same['latency_ms']['p50'])} of the runtime's own fp32 latency")
+    if "load_and_run_memory_bytes" in same and "load_and_run_memory_bytes" in comp:
+        text += (f"; memory to load and run {_mb(same['load_and_run_memory_bytes'])}, so "
+                 f"{_ratio(comp['load_and_run_memory_bytes'], same['load_and_run_memory_bytes'])} of its fp32 memory")
+    return text + "."
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A before/after table plus how each figure was measured."""
     base, comp = report["baseline"], report["compressed"]
@@ -42,12 +55,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if "fp32_same_runtime" in report:
-        same = report["fp32_same_runtime"]["latency_ms"]
-        lines += [
-            f"fp32 exported to {lat_c['runtime']}: p50 {same['p50']:.2f} ms, so compression alone gives "
-            f"{_ratio(lat_c['p50'], same['p50'])} of the runtime's own fp32 latency.",
-            "",
-        ]
+        lines += [same_runtime_sentence(report), ""]
     if "quality_gate" in report:
         g = report["quality_gate"]
         lines += [f"Quality gate on {g['metric']} (max drop {g['max_drop']}): {'passed' if g['passed'] else 'FAILED'}", ""]
