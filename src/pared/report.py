@@ -86,9 +86,8 @@ def measurement_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
                                  "calls, after warm-up calls. Memory a runtime holds from loading or warm-up (the weights, "
                                  "buffers OpenVINO allocates once) is not in it, so a runtime that preallocates reads near 0."),
         *([("Memory to load and run", f"{base['load_and_run_memory_method']}: the highest process memory while the "
-                                        "model is loaded (fp32: its module copied; compressed: its file read and compiled by the "
-                                        "runtime) and run 3 times, minus the memory before: weights, runtime buffers and "
-                                        "activations together.")]
+                                        f"model is loaded (fp32: its module copied; compressed: {_loaded_how(comp)}) and run "
+                                        "3 times, minus the memory before: weights, runtime buffers and activations together.")]
           if "load_and_run_memory_method" in base else []),
         ("Energy", f"{base['energy_j']['method']} (fp32) / {comp['energy_j']['method']} (compressed)."),
         ("Metrics", "the task's evaluation run through each runtime (the compressed figures come from the deployed artefact)."),
@@ -104,6 +103,12 @@ def _step_line(step: dict[str, Any]) -> str:
             value = f"{len(value)} layers ({', '.join(map(str, value[:3]))}, ...)"
         parts.append(f"{key}: {value}")
     return "- " + "; ".join(parts)
+
+
+def _loaded_how(side: dict[str, Any]) -> str:
+    if side["latency_ms"]["runtime"] == "torch":
+        return "its module copied"
+    return "its file read and compiled by the runtime"
 
 
 def _mb(n: int) -> str:
